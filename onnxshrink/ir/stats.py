@@ -1,0 +1,178 @@
+"""Size accounting and model summaries, computed from protos without loading weights."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.ir import io, query
+from onnxshrink.report import SizeReport
+
+
+def gzip_size(path: Path) -> int:
+    """Bytes of the model file (and its external data) after gzip -9, streamed."""
+    total = 0
+    for part in [path, *_external_files(path)]:
+        counter = _CountingSink()
+        with open(part, "rb") as src, gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9,
+                                                     mtime=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        total += counter.count
+    return total
+
+
+class _CountingSink:
+    """A write-only file object that only counts bytes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+
+def _external_files(path: Path) -> list[Path]:
+    model = onnx.load_model(str(path), load_external_data=False)
+    files = set()
+    for graph in io.iter_all_graphs(model):
+        for t in graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    files.add((path.parent / e.value).resolve())
+    return sorted(files)
+
+
+def dtype_name(data_type: int) -> str:
+    """A tensor dtype's ONNX name in lower case (float, float16, int8, uint4, ...)."""
+    return onnx.TensorProto.DataType.Name(data_type).lower()
+
+
+def size_report(path: Path, model: onnx.ModelProto | None = None) -> SizeReport:
+    """Disk, gzip and weight bytes by dtype of a saved model."""
+    if model is None:
+        model = onnx.load_model(str(path), load_external_data=False)
+    by_dtype: Counter[str] = Counter()
+    params = 0
+    for graph in io.iter_all_graphs(model):
+        for t in graph.initializer:
+            by_dtype[dtype_name(t.data_type)] += io.tensor_nbytes(t)
+            params += int(np.prod(t.dims)) if t.dims else 1
+    file_bytes = path.stat().st_size + sum(p.stat().st_size for p in _external_files(path))
+    return SizeReport(
+        file_bytes=file_bytes,
+        gzip_bytes=gzip_size(path),
+        weight_bytes=sum(by_dtype.values()),
+        params=params,
+        bytes_by_dtype=dict(sorted(by_dtype.items())),
+    )
+
+
+def graph_weight_bytes(graph: gs.Graph) -> int:
+    """Bytes of all constants in the graph and its subgraphs (each tensor counted once)."""
+    seen: dict[str, int] = {}
+    for g in query.walk_graphs(graph):
+        for name, tensor in g.tensors().items():
+            if isinstance(tensor, gs.Constant) and name not in seen:
+                seen[name] = _constant_nbytes(tensor)
+    return sum(seen.values())
+
+
+def _constant_nbytes(tensor: gs.Constant) -> int:
+    values = tensor._values  # LazyValues knows its size without loading
+    nbytes = getattr(values, "nbytes", None)
+    return int(nbytes) if nbytes is not None else int(np.asarray(tensor.values).nbytes)
+
+
+@dataclass
+class LayerInfo:
+    """One node's weights, for the largest-layers table."""
+
+    name: str
+    op_type: str
+    params: int
+    bytes: int
+
+
+@dataclass
+class ModelSummary:
+    """What `onnxshrink inspect` shows."""
+
+    path: str
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    inputs: list[str]
+    outputs: list[str]
+    nodes: int
+    subgraphs: int
+    params: int
+    weight_bytes: int
+    external_data: bool
+    file_bytes: int
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    by_op_type: dict[str, dict[str, int]] = field(default_factory=dict)
+    largest: list[LayerInfo] = field(default_factory=list)
+
+
+def summarize(path: Path, top: int = 10) -> ModelSummary:
+    """Inspect a model file: signature, sizes per dtype and op type, largest layers."""
+    model = io.read_model(path)
+    info = io.model_info(model, path)
+    inits = {}
+    for graph in io.iter_all_graphs(model):
+        for t in graph.initializer:
+            inits[t.name] = t
+    by_op: dict[str, dict[str, int]] = {}
+    layers = []
+    nodes = subgraphs = 0
+    for gi, graph in enumerate(io.iter_all_graphs(model)):
+        subgraphs += gi > 0
+        for node in graph.node:
+            nodes += 1
+            ws = [inits[i] for i in node.input if i in inits]
+            params = sum(int(np.prod(t.dims)) if t.dims else 1 for t in ws)
+            nbytes = sum(io.tensor_nbytes(t) for t in ws)
+            entry = by_op.setdefault(node.op_type, {"count": 0, "params": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["params"] += params
+            entry["bytes"] += nbytes
+            if params:
+                layers.append(LayerInfo(node.name or node.output[0], node.op_type, params, nbytes))
+    size = size_report(path, model)
+    return ModelSummary(
+        path=str(path),
+        ir_version=model.ir_version,
+        opsets=info.opset_imports,
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        inputs=[_describe_vi(v) for v in model.graph.input if v.name not in info.main_initializers],
+        outputs=[_describe_vi(v) for v in model.graph.output],
+        nodes=nodes,
+        subgraphs=subgraphs,
+        params=size.params,
+        weight_bytes=size.weight_bytes,
+        external_data=info.external_data,
+        file_bytes=size.file_bytes,
+        bytes_by_dtype=size.bytes_by_dtype,
+        by_op_type=dict(sorted(by_op.items(), key=lambda kv: -kv[1]["bytes"])),
+        largest=sorted(layers, key=lambda x: -x.bytes)[:top],
+    )
+
+
+def _describe_vi(vi: onnx.ValueInfoProto) -> str:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return f"{vi.name} ({vi.type.WhichOneof('value')})"
+    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
+            for d in tt.shape.dim]
+    return f"{vi.name} {dtype_name(tt.elem_type)}[{','.join(dims)}]"

@@ -1,0 +1,55 @@
+"""The one module that imports onnxruntime: sessions built the same way everywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+
+OptLevel = Literal["none", "basic", "extended", "all"]
+_LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def version() -> str:
+    """onnxruntime's version, for reports."""
+    return str(ort.__version__)
+
+
+def session(
+    model: str | os.PathLike[str] | bytes,
+    *,
+    opt: OptLevel = "all",
+    threads: int = 0,
+    optimized_path: str | os.PathLike[str] | None = None,
+    config: dict[str, str] | None = None,
+) -> ort.InferenceSession:
+    """A CPU session; `optimized_path` dumps the graph ORT really runs (to check fusions)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _LEVELS[opt]
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    source = model if isinstance(model, bytes) else str(Path(model))
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[Any]:
+    """Run one sample; outputs in graph-output order (sequences come back as lists)."""
+    return list(sess.run(None, feeds))
+
+
+def output_names(sess: ort.InferenceSession) -> list[str]:
+    """Names of the session's outputs, in order."""
+    return [o.name for o in sess.get_outputs()]

@@ -1,0 +1,1 @@
+"""Validation: feeds, onnxruntime runs of both models, metrics and verdicts."""

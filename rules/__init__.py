@@ -1,0 +1,1 @@
+"""Shipped recipes; installed as the ``onnxshrink.rules`` package so ``-r NAME`` works anywhere."""
