@@ -9,4 +9,12 @@ from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.recipe import Recipe, load_recipe
 from onnxshrink.report import RunReport
 
-__all__ = ["OnnxShrinkError", "Recipe", "RunReport", "__version__", "compress", "load_recipe", "validate"]
+__all__ = [
+    "OnnxShrinkError",
+    "Recipe",
+    "RunReport",
+    "__version__",
+    "compress",
+    "load_recipe",
+    "validate",
+]

@@ -43,7 +43,7 @@ _state = {"debug": False}
 
 RulesOpt = Annotated[
     Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
-    typer.Option("--rules", "-r", help="Recipe: a .toml path or a shipped name (see `rules list`)."),
+    typer.Option("--rules", "-r", help="Recipe: a .toml path or a shipped name (`rules list`)."),
 ]
 SamplesOpt = Annotated[
     Optional[Path],  # noqa: UP045
@@ -155,10 +155,11 @@ def compress(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a recipe on MODEL, validate the result with onnxruntime, write it and a report."""
+    dims, level = _dims(dim), _opt(ort_opt)  # usage errors (exit 2) before any work
     with _errors():
         result = api.compress(
             model, rules, output, samples=samples, seed=seed, validate=not no_validate,
-            dims=_dims(dim), check_each_step=check_each_step, ort_opt=_opt(ort_opt),
+            dims=dims, check_each_step=check_each_step, ort_opt=level,
             report_path=report, keep_failed=keep_failed,
         )
         if as_json:
@@ -166,7 +167,8 @@ def compress(
         else:
             _render_run(result)
         if not result.ok:
-            failed = [o.name for o in result.numerics.outputs if not o.ok] if result.numerics else []
+            numerics = result.numerics.outputs if result.numerics else []
+            failed = [o.name for o in numerics if not o.ok]
             note = "output kept" if keep_failed else "output not written (--keep-failed keeps it)"
             raise NumericsError(f"outputs {failed} are outside the recipe's tolerance; {note}")
 
@@ -183,9 +185,10 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
     """Compare CANDIDATE with ORIGINAL on the same inputs (exit 3 when outside tolerance)."""
+    dims, level = _dims(dim), _opt(ort_opt)
     with _errors():
         rep = api.validate(original, candidate, samples=samples, recipe=rules, seed=seed,
-                           dims=_dims(dim), ort_opt=_opt(ort_opt))
+                           dims=dims, ort_opt=level)
         if as_json:
             body = dataclasses.asdict(rep)
             body["ok"] = rep.ok

@@ -128,6 +128,5 @@ def _params_dict(p: Pass) -> dict[str, object]:
     import dataclasses
 
     return {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in dataclasses.asdict(p.params).items()
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p.params).items()
     }

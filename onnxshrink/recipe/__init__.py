@@ -3,4 +3,12 @@
 from onnxshrink.recipe.loader import load_recipe, parse_recipe
 from onnxshrink.recipe.schema import Recipe, Selector, Step, Tolerance, ValidationSpec
 
-__all__ = ["Recipe", "Selector", "Step", "Tolerance", "ValidationSpec", "load_recipe", "parse_recipe"]
+__all__ = [
+    "Recipe",
+    "Selector",
+    "Step",
+    "Tolerance",
+    "ValidationSpec",
+    "load_recipe",
+    "parse_recipe",
+]

@@ -166,7 +166,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         item_tp = args[0] if args else Any
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _, val_tp = typing.get_args(tp)
         table = _table(value, where)
         return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in table.items()}
     if tp is Any:

@@ -1,0 +1,87 @@
+"""Feeds: random samples respect the signature; files are checked against it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxshrink.errors import SampleError
+from onnxshrink.validate.feeds import (
+    InputSpec,
+    input_specs,
+    load_dir,
+    load_npz,
+    load_samples,
+    random_feeds,
+)
+from tests.conftest import SAMPLES
+
+
+def test_specs_of_transformer() -> None:
+    specs = input_specs(onnx.load(str(SAMPLES / "transformer.onnx")))
+    assert [(s.name, s.dtype, s.dims) for s in specs] == [
+        ("input_ids", np.dtype(np.int64), ("batch", "seq"))
+    ]
+
+
+def test_random_feeds_respect_dtype_shape_dims_and_bounds() -> None:
+    specs = [
+        InputSpec("x", np.dtype(np.float16), ("batch", 3, "h")),
+        InputSpec("ids", np.dtype(np.int64), ("batch", "seq")),
+        InputSpec("flag", np.dtype(np.bool_), ()),
+    ]
+    feeds = random_feeds(specs, 3, seed=1, dims={"h": 5, "ids:1": 7}, int_high={"ids": 10})
+    assert len(feeds.samples) == 3
+    s = feeds.samples[0]
+    assert s["x"].dtype == np.float16 and s["x"].shape == (1, 3, 5)
+    assert s["ids"].shape == (1, 7) and s["ids"].max() < 10 and s["ids"].min() >= 0
+    assert s["flag"].dtype == np.bool_ and s["flag"].shape == ()
+    again = random_feeds(specs, 3, seed=1, dims={"h": 5, "ids:1": 7}, int_high={"ids": 10})
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(feeds.samples, again.samples))
+
+
+def test_npz_round_trip_and_mismatches(tmp_path: Path) -> None:
+    specs = [InputSpec("x", np.dtype(np.float32), ("batch", 4))]
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((5, 2, 4), np.float64))  # float64 is cast, same kind
+    feeds = load_npz(good, specs)
+    assert len(feeds.samples) == 5 and feeds.samples[0]["x"].dtype == np.float32
+    bad_name = tmp_path / "name.npz"
+    np.savez(bad_name, y=np.zeros((5, 2, 4), np.float32))
+    with pytest.raises(SampleError, match=r"missing: \['x'\], unexpected: \['y'\]"):
+        load_npz(bad_name, specs)
+    bad_shape = tmp_path / "shape.npz"
+    np.savez(bad_shape, x=np.zeros((5, 2, 3), np.float32))
+    with pytest.raises(SampleError, match="axis 1"):
+        load_npz(bad_shape, specs)
+    bad_dtype = tmp_path / "dtype.npz"
+    np.savez(bad_dtype, x=np.zeros((5, 2, 4), np.int32))
+    with pytest.raises(SampleError, match="dtype int32"):
+        load_npz(bad_dtype, specs)
+
+
+def test_test_data_dir_with_varying_shapes(tmp_path: Path) -> None:
+    specs = [InputSpec("x", np.dtype(np.float32), ("batch", "n"))]
+    for i, n in enumerate([3, 5]):
+        d = tmp_path / f"test_data_set_{i}"
+        d.mkdir()
+        arr = np.full((1, n), i, np.float32)
+        (d / "input_0.pb").write_bytes(numpy_helper.from_array(arr).SerializeToString())
+        (d / "output_0.pb").write_bytes(numpy_helper.from_array(arr * 2).SerializeToString())
+    feeds = load_dir(tmp_path, specs)
+    assert [s["x"].shape for s in feeds.samples] == [(1, 3), (1, 5)]
+    assert feeds.references is not None and feeds.references[1][0][0, 0] == 2
+
+
+def test_unknown_source_is_refused(tmp_path: Path) -> None:
+    specs = [InputSpec("x", np.dtype(np.float32), (1,))]
+    with pytest.raises(SampleError, match="not found"):
+        load_samples(tmp_path / "nope.npz", specs, count=1, seed=0)
+    other = tmp_path / "x.txt"
+    other.write_text("hi")
+    with pytest.raises(SampleError, match=r"must be an \.npz"):
+        load_samples(other, specs, count=1, seed=0)
