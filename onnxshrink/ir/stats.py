@@ -53,6 +53,17 @@ def _external_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
+def payload_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values (not its name or dims), inline or external, without loading."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.HasField("raw_data"):
+        return io.tensor_nbytes(tensor) if not tensor.HasField("raw_data") else len(tensor.raw_data)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize  # noqa: TID251
+    except (KeyError, TypeError, ValueError):
+        return tensor.ByteSize()
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
+
+
 def dtype_name(data_type: int) -> str:
     """A tensor dtype's ONNX name in lower case (float, float16, int8, uint4, ...)."""
     return onnx.TensorProto.DataType.Name(data_type).lower()
@@ -66,7 +77,7 @@ def size_report(path: Path, model: onnx.ModelProto | None = None) -> SizeReport:
     params = 0
     for graph in io.iter_all_graphs(model):
         for t in graph.initializer:
-            by_dtype[dtype_name(t.data_type)] += io.tensor_nbytes(t)
+            by_dtype[dtype_name(t.data_type)] += payload_bytes(t)
             params += int(np.prod(t.dims)) if t.dims else 1
     file_bytes = path.stat().st_size + sum(p.stat().st_size for p in _external_files(path))
     return SizeReport(
@@ -142,7 +153,7 @@ def summarize(path: Path, top: int = 10) -> ModelSummary:
             nodes += 1
             ws = [inits[i] for i in node.input if i in inits]
             params = sum(int(np.prod(t.dims)) if t.dims else 1 for t in ws)
-            nbytes = sum(io.tensor_nbytes(t) for t in ws)
+            nbytes = sum(payload_bytes(t) for t in ws)
             entry = by_op.setdefault(node.op_type, {"count": 0, "params": 0, "bytes": 0})
             entry["count"] += 1
             entry["params"] += params
