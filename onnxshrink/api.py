@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink import pipeline
-from onnxshrink.errors import OnnxShrinkError, OutputError, PassError
+from onnxshrink.errors import OnnxShrinkError, OutputError, PassError, SampleError
 from onnxshrink.ir import io
 from onnxshrink.ir.stats import size_report
 from onnxshrink.passes.base import Context
@@ -43,7 +44,7 @@ def default_output(model: Path) -> Path:
 def _recipe(recipe: Recipe | str | os.PathLike[str] | None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
-    return load_recipe(DEFAULT_RECIPE if recipe is None else recipe)
+    return load_recipe(DEFAULT_RECIPE if recipe is None else os.fspath(recipe))
 
 
 def _check_output(model: Path, output: Path) -> None:
@@ -77,18 +78,29 @@ def load_feeds(
     *,
     seed: int | None = None,
     dims: dict[str, int] | None = None,
+    model: str | os.PathLike[str] | None = None,
 ) -> feeds_mod.Feeds:
-    """Samples for validation: the given source, else the recipe's, else seeded random."""
+    """Samples for validation: the given source, else the recipe's, else seeded random.
+
+    `model` names the file in errors that only know an input's name (e.g. a dtype that random
+    samples cannot produce), so the one line the CLI prints says which model it is about.
+    """
     spec = recipe.validate
-    specs = feeds_mod.input_specs(proto)
-    return feeds_mod.load_samples(
-        samples if samples is not None else spec.inputs,
-        specs,
-        count=spec.samples,
-        seed=spec.seed if seed is None else seed,
-        dims={**spec.dims, **(dims or {})},
-        int_high=index_bounds(graph) if graph is not None else None,
-    )
+    source = samples if samples is not None else spec.inputs
+    try:
+        specs = feeds_mod.input_specs(proto)
+        return feeds_mod.load_samples(
+            os.fspath(source),
+            specs,
+            count=spec.samples,
+            seed=spec.seed if seed is None else seed,
+            dims={**spec.dims, **(dims or {})},
+            int_high=index_bounds(graph) if graph is not None else None,
+        )
+    except SampleError as e:
+        if model is None or (str(source) != "random" and str(source) in str(e)):
+            raise  # already names the samples file, which is what is wrong
+        raise SampleError(f"{model}: {e}") from e
 
 
 def compress(
@@ -120,7 +132,11 @@ def compress(
     _check_output(model_path, out_path)
     loaded = io.load(model_path)
     timings["load_s"] = time.perf_counter() - t0
-    feeds = load_feeds(loaded.proto, loaded.graph, samples, the_recipe, dims=dims) if validate else None
+    feeds = (  # samples given calibrate the passes even when validation is off
+        load_feeds(loaded.proto, loaded.graph, samples, the_recipe, dims=dims, model=model_path)
+        if validate or samples is not None
+        else None
+    )
     report = RunReport(
         model=str(model_path),
         output=None,
@@ -131,14 +147,19 @@ def compress(
     )
     with tempfile.TemporaryDirectory(prefix=".onnxshrink-", dir=out_path.parent) as tmp:
         ctx = Context(model_path=model_path, seed=seed, workdir=Path(tmp),
-                      feeds=feeds.samples if feeds else [], opset=loaded.info.opset)
+                      feeds=feeds.samples if feeds else [], opset=loaded.info.opset,
+                      tolerance=the_recipe.validate.tolerance.to_dict())
         t1 = time.perf_counter()
-        hook = _step_checker(loaded.info, feeds, the_recipe, Path(tmp), ort_opt) if check_each_step else None
+        hook = (
+            _step_checker(loaded.info, feeds if validate else None, the_recipe, Path(tmp), ort_opt)
+            if check_each_step
+            else None
+        )
         report.steps = pipeline.execute(the_plan, loaded.graph, ctx, after_step=hook)
         timings["passes_s"] = time.perf_counter() - t1
         candidate = Path(tmp) / out_path.name
         _write(loaded.graph, loaded.info, candidate)
-        if feeds is not None:
+        if validate and feeds is not None:
             t2 = time.perf_counter()
             report.numerics = validate_paths(
                 model_path, candidate, feeds, the_recipe.validate.tolerance, opt=ort_opt
@@ -156,7 +177,10 @@ def compress(
 
 
 def _write(graph: gs.Graph, info: io.ModelInfo, path: Path) -> None:
-    proto = io.to_model(graph, info)
+    try:
+        proto = io.to_model(graph, info)
+    except Exception as e:  # gs export errors are bugs in a pass, but still one clear line
+        raise PassError(f"the compressed graph cannot be exported: {type(e).__name__}: {e}") from e
     try:
         io.check_model(proto, path.name)
     except OnnxShrinkError as e:
@@ -175,7 +199,13 @@ def _move_into_place(candidate: Path, out_path: Path) -> None:
         raise OutputError(f"{out_path}: cannot write output ({e.strerror or e})") from None
 
 
-def _step_checker(info, feeds, recipe, workdir, ort_opt):  # type: ignore[no-untyped-def]
+def _step_checker(
+    info: io.ModelInfo,
+    feeds: feeds_mod.Feeds | None,
+    recipe: Recipe,
+    workdir: Path,
+    ort_opt: OptLevel,
+) -> Callable[[pipeline.PlannedStep, gs.Graph], None]:
     """After each step: the graph must export, pass the checker, and hold the tolerance."""
 
     def check(step: pipeline.PlannedStep, graph: gs.Graph) -> None:
@@ -187,7 +217,9 @@ def _step_checker(info, feeds, recipe, workdir, ort_opt):  # type: ignore[no-unt
         if feeds is not None:
             rep = validate_paths(info.path, path, feeds, recipe.validate.tolerance, opt=ort_opt)
             if not rep.ok:
-                bad = "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in rep.outputs if not o.ok)
+                bad = "; ".join(
+                    f"{o.name}: {', '.join(o.failures)}" for o in rep.outputs if not o.ok
+                )
                 raise PassError(f"step {step.label} is the first to break the tolerance: {bad}")
         for p in path.parent.glob(path.name + "*"):
             p.unlink()
@@ -210,7 +242,8 @@ def validate(
     the_recipe = _recipe(recipe)
     orig = io.load(Path(original))
     io.read_model(Path(candidate))
-    feeds = load_feeds(orig.proto, orig.graph, samples, the_recipe, seed=seed, dims=dims)
+    feeds = load_feeds(orig.proto, orig.graph, samples, the_recipe, seed=seed, dims=dims,
+                       model=original)
     tol = tolerance if tolerance is not None else the_recipe.validate.tolerance
     return validate_paths(Path(original), Path(candidate), feeds, tol, opt=ort_opt)
 
@@ -220,6 +253,7 @@ def write_json(data: object, path: Path) -> None:
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: report directory does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o644)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, default=_json_default)

@@ -59,6 +59,11 @@ OptLevelOpt = Annotated[
     str, typer.Option("--ort-opt", help="onnxruntime optimization level used to validate: "
                       "all (what you deploy), extended, basic, none.")
 ]
+HtmlOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--html", help="Also write a self-contained HTML report (sizes per layer and "
+                 "dtype, what each pass did, validation, weight histograms) to this path."),
+]
 
 
 def _version(value: bool) -> None:
@@ -153,6 +158,7 @@ def compress(
     dim: DimOpt = None,
     ort_opt: OptLevelOpt = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    html: HtmlOpt = None,
 ) -> None:
     """Run a recipe on MODEL, validate the result with onnxruntime, write it and a report."""
     dims, level = _dims(dim), _opt(ort_opt)  # usage errors (exit 2) before any work
@@ -162,6 +168,10 @@ def compress(
             dims=dims, check_each_step=check_each_step, ort_opt=level,
             report_path=report, keep_failed=keep_failed,
         )
+        if html is not None:
+            from onnxshrink.html import write_run_report
+
+            write_run_report(result, model, Path(result.output) if result.output else None, html)
         if as_json:
             out.print_json(json.dumps(result.to_dict()))
         else:
@@ -287,6 +297,97 @@ def rules_list() -> None:
             out.print(f"[bold]{name}[/bold]  {escape(recipe.description)}")
 
 
+@app.command()
+def batch(
+    inputs: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(help="Model files, folders (searched recursively for *.onnx) and globs "
+                       "(quote them). Outputs mirror their tree under OUTDIR."),
+    ] = None,
+    outdir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Output folder (created if missing). Required."),
+    ] = None,
+    rules: RulesOpt = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Models run at once, each in its own process.")
+    ] = 1,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip models whose output is already complete and "
+                           "valid for the same input bytes and settings.")
+    ] = False,
+    timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--timeout", help="Seconds per model; a model past it is killed and fails."),
+    ] = None,
+    samples: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--samples", "-s", help="Folder of per-model samples found by model name "
+                     "(DIR/<name>.npz or DIR/<name>/test_data_set_*), else the recipe's default."),
+    ] = None,
+    manifest: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--manifest", help="TOML file mapping models to recipes, samples and "
+                     "tolerances, instead of INPUTS (format: docs/batch.md)."),
+    ] = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="Write an HTML report per model and OUTDIR/index.html.")
+    ] = False,
+    scheduler: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--scheduler", help="Run on a Dask cluster, e.g. tcp://HOST:8786 "
+                     "(pip install 'onnxshrink[dask]'; workers must see the same paths)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 0,
+    no_validate: Annotated[
+        bool, typer.Option("--no-validate", help="Skip the onnxruntime comparison.")
+    ] = False,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Start no new model after the first failure.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json at the end.")] = False,
+) -> None:
+    """Compress many models, each in its own process; write OUTDIR/summary.json and .csv.
+
+    Exit code: 0 every model passed; 1 some model failed (unreadable, error, crash, timeout);
+    3 none failed but some missed the recipe's tolerance; 130 interrupted (rerun with --resume).
+    """
+    from onnxshrink.batch import BatchOptions, display, run_batch
+
+    if outdir is None:
+        raise typer.BadParameter("an output folder is required", param_hint="'--output' / '-o'")
+    with _errors():
+        options = BatchOptions(
+            outdir=outdir, inputs=tuple(inputs or ()), recipe=rules, manifest=manifest,
+            samples_dir=samples, jobs=jobs, timeout=timeout, resume=resume, html=html, seed=seed,
+            validate=not no_validate, scheduler=scheduler, fail_fast=fail_fast,
+        )
+        with _sigterm_interrupts(), display.LiveDisplay(err) as live:
+            result = run_batch(options, live)
+        if as_json:
+            out.print_json(result.summary_json.read_text(encoding="utf-8"))
+        else:
+            out.print(display.table(result.rows))
+            out.print(display.footer(result))
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Treat SIGTERM (kill, job schedulers) like Ctrl-C: the summary is written on the way out."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------- rendering
 
 
@@ -341,7 +442,9 @@ def _render_sizes(before: SizeReport, after: SizeReport | None) -> None:
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="left" if not col else "right")
     rows: list[tuple[str, Callable[[SizeReport], int]]] = [
-        ("file", lambda s: s.file_bytes), ("gzip -9", lambda s: s.gzip_bytes),
+        ("file", lambda s: s.file_bytes),
+        ("gzip -9" + (" (est.)" if before.gzip_estimated or (after and after.gzip_estimated)
+                      else ""), lambda s: s.gzip_bytes),
         ("weights", lambda s: s.weight_bytes),
     ]
     for label, get in rows:

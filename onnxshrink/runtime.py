@@ -34,7 +34,7 @@ def session(
     """A CPU session; `optimized_path` dumps the graph ORT really runs (to check fusions)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[opt]
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user as exceptions, never as C++ log lines
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     if optimized_path is not None:

@@ -7,27 +7,35 @@ and a save either leaves a complete output or nothing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
 
 from onnxshrink.errors import ModelError, OutputError
+from onnxshrink.ir.export import node_metadata
+from onnxshrink.ir.export import to_model as to_model
+from onnxshrink.ir.external import (
+    EXTERNAL_DATA_THRESHOLD,
+    external_tensors,
+    inline_external,
+    resolve_external,
+    use_external_values,
+    weight_bytes,
+    write_external,
+)
+from onnxshrink.ir.proto import copy_message, one_line
+from onnxshrink.ir.proto import iter_all_graphs as iter_all_graphs
+from onnxshrink.ir.proto import quiet_gs as quiet_gs
 
 logger = logging.getLogger(__name__)
 
-#: Above this many bytes of weights a model is written with external data (protobuf's 2 GiB cap).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-#: Tensors smaller than this stay inline even in an external-data model (onnx's own convention).
-EXTERNAL_TENSOR_MIN_BYTES = 1024
+
 #: Operator domains onnxruntime's CPU build implements; anything else needs a custom-op library.
 KNOWN_DOMAINS = frozenset(
     {
@@ -61,6 +69,15 @@ class ModelInfo:
     input_order: list[str] = field(default_factory=list)
     initializer_inputs: list[str] = field(default_factory=list)
     main_initializers: frozenset[str] = frozenset()
+    #: The graph's input and output declarations as written, restored verbatim on export.
+    inputs: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    outputs: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    #: IR >= 4 initializers that are also graph inputs: defaults a caller may override, so the
+    #: IR holds them as graph inputs (never folded) and the export puts the defaults back.
+    overridable: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    #: IR 10 metadata gs drops: the main graph's, and each uniquely named node's (by op type).
+    graph_metadata: dict[str, str] = field(default_factory=dict)
+    node_metadata: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     had_value_info: bool = False
     external_data: bool = False
     file_bytes: int = 0
@@ -80,18 +97,6 @@ class LoadedModel:
     proto: onnx.ModelProto  # the weight-less proto as read (signature, for feeds and reports)
 
 
-@contextlib.contextmanager
-def quiet_gs() -> Iterator[None]:
-    """Silence onnx-graphsurgeon's own logger (it prints to stdout) around one call."""
-    gl = gs.logger.G_LOGGER
-    saved = gl.severity
-    gl.severity = gl.ERROR
-    try:
-        yield
-    finally:
-        gl.severity = saved
-
-
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -99,30 +104,6 @@ def _check_path(path: Path) -> None:
         raise ModelError(f"{path}: is a directory, expected an .onnx file")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: empty file, expected an ONNX model")
-
-
-def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _iter_graphs(sub)
-
-
-def iter_all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
-    """The main graph, every subgraph, and the bodies of model-local functions' subgraphs."""
-    yield from _iter_graphs(model.graph)
-
-
-def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for graph in iter_all_graphs(model):
-        for tensor in graph.initializer:
-            if external_data_helper.uses_external_data(tensor):
-                yield tensor
 
 
 def read_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
@@ -138,40 +119,49 @@ def read_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
     except DecodeError as e:
         raise ModelError(f"{path}: not an ONNX model (protobuf parse failed: {e})") from None
     except Exception as e:  # onnx raises several types for corrupt files
-        raise ModelError(f"{path}: cannot be read as an ONNX model ({_one_line(e)})") from None
+        raise ModelError(f"{path}: cannot be read as an ONNX model ({one_line(e)})") from None
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
         raise ModelError(
             f"{path}: a protobuf but not an ONNX model (no graph, ir_version or opset_import)"
         )
     base = path.resolve().parent
-    for tensor in _external_tensors(model):
-        info = {e.key: e for e in tensor.external_data}
-        location = info["location"].value if "location" in info else ""
-        target = (base / location).resolve()
-        if not target.is_file():
-            raise ModelError(
-                f"{path}: tensor {tensor.name!r} refers to external data {location!r} "
-                "that does not exist"
-            )
-        info["location"].value = str(target)
+    for tensor in external_tensors(model):
+        resolve_external(tensor, base, path)
     if check:
         check_model(model, path)
     _check_domains(model, path)
     return model
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def check_model(model: onnx.ModelProto, path: Path | str) -> None:
-    """Run the ONNX checker on a (weight-less) proto, as one clear error."""
+    """Run the ONNX checker on a (weight-less) proto, as one clear error.
+
+    The checker looks for external data files relative to the process's working directory,
+    and our in-memory locations are absolute (so lazy weights resolve from anywhere): both
+    would fail every external-data model. `resolve_external` already checked each location and
+    byte range, so external tensors are shown to the checker as empty placeholders of the same
+    name and type, and restored afterwards.
+    """
+    saved = []
+    for tensor in external_tensors(model):
+        saved.append((tensor, list(tensor.dims), list(tensor.external_data)))
+        del tensor.dims[:]
+        tensor.dims.append(0)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         msg = " ".join(str(e).split())[:300]
         raise ModelError(f"{path}: fails the ONNX checker: {msg}") from None
+    except ValueError as e:  # > 2 GiB of inline weights cannot be serialised for the checker
+        raise ModelError(f"{path}: cannot be checked: {one_line(e)}") from None
+    finally:
+        for tensor, dims, external in saved:
+            del tensor.dims[:]
+            tensor.dims.extend(dims)
+            tensor.external_data.extend(external)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _check_domains(model: onnx.ModelProto, path: Path) -> None:
@@ -205,119 +195,61 @@ def model_info(model: onnx.ModelProto, path: Path) -> ModelInfo:
         input_order=[i.name for i in model.graph.input],
         initializer_inputs=[i.name for i in model.graph.input if i.name in init_names],
         main_initializers=frozenset(init_names),
+        inputs={i.name: copy_message(i) for i in model.graph.input},
+        outputs={o.name: copy_message(o) for o in model.graph.output},
+        overridable=_overridable(model),
+        graph_metadata={p.key: p.value for p in model.graph.metadata_props},
+        node_metadata=node_metadata(model),
         had_value_info=any(len(g.value_info) for g in iter_all_graphs(model)),
-        external_data=any(True for _ in _external_tensors(model)),
+        external_data=any(True for _ in external_tensors(model)),
         file_bytes=path.stat().st_size,
     )
 
 
+def _overridable(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers that are also inputs in an IR >= 4 model (IR < 4 lists every weight so)."""
+    if model.ir_version < 4:
+        return {}
+    inputs = {i.name for i in model.graph.input}
+    return {t.name: copy_message(t) for t in model.graph.initializer if t.name in inputs}
+
+
 def load(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load a model as a gs graph with lazy weights and inferred shapes."""
+    """Load a model as a gs graph with lazy weights and inferred shapes.
+
+    Overridable initializers (IR >= 4, also listed as inputs) become plain graph inputs in the
+    IR: a caller may feed them, so no pass may treat them as constants.
+    """
     path = Path(path)
     model = read_model(path)
     info = model_info(model, path)
     inferred = infer_shapes(model)
-    with quiet_gs():
-        graph = gs.import_onnx(inferred)
+    if info.overridable:
+        if inferred is model:
+            inferred = copy_message(model)
+        kept = [t for t in inferred.graph.initializer if t.name not in info.overridable]
+        del inferred.graph.initializer[:]
+        inferred.graph.initializer.extend(kept)
+    try:
+        with quiet_gs():
+            graph = gs.import_onnx(inferred)
+    except Exception as e:  # gs raises bare exceptions on constructs it does not model
+        raise ModelError(f"{path}: cannot be imported ({one_line(e)})") from None
+    if info.external_data:
+        use_external_values(graph)
     return LoadedModel(graph=graph, info=info, proto=model)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Best-effort shape inference; a model it cannot infer is returned unchanged."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred: onnx.ModelProto = onnx.shape_inference.infer_shapes(
+            model, strict_mode=False, data_prop=True
+        )
+        return inferred
     except Exception as e:  # custom ops or malformed shapes: passes cope without value_info
-        logger.debug("shape inference failed: %s", _one_line(e))
+        logger.debug("shape inference failed: %s", one_line(e))
         return model
-
-
-def to_model(graph: gs.Graph, info: ModelInfo) -> onnx.ModelProto:
-    """Export a gs graph and restore everything gs drops (metadata, signature, opsets)."""
-    opsets = dict(info.opset_imports)
-    opsets[""] = max(opsets.get("", 1), int(graph.opset or 1))
-    with quiet_gs():
-        model = gs.export_onnx(graph, do_type_check=False)
-    for graph_proto in iter_all_graphs(model):
-        for node in graph_proto.node:
-            if node.domain not in opsets and node.domain != "ai.onnx":
-                opsets[node.domain] = 1
-    del model.opset_import[:]
-    for domain, version in sorted(opsets.items()):
-        model.opset_import.append(onnx.OperatorSetIdProto(domain=domain, version=version))
-    model.ir_version = max(info.ir_version, int(graph.ir_version or 0))
-    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        value = getattr(info, name)
-        if value:
-            setattr(model, name, value)
-        else:  # proto2: an explicitly set empty field still costs bytes and shows in diffs
-            model.ClearField(name)
-    del model.metadata_props[:]
-    for key, value in info.metadata_props.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    _hoist_outer_initializers(model, info.main_initializers)
-    _restore_inputs(model, info)
-    if not info.had_value_info:
-        for graph_proto in iter_all_graphs(model):
-            del graph_proto.value_info[:]
-    return model
-
-
-def _hoist_outer_initializers(model: onnx.ModelProto, main_names: frozenset[str]) -> None:
-    """Undo gs copying outer-scope initializers into every subgraph that reads them."""
-    main = model.graph
-    present = {t.name for t in main.initializer}
-    for sub in list(iter_all_graphs(model))[1:]:
-        keep = []
-        for tensor in sub.initializer:
-            if tensor.name not in main_names:
-                keep.append(tensor)
-                continue
-            if tensor.name not in present:
-                main.initializer.append(tensor)
-                present.add(tensor.name)
-        if len(keep) != len(sub.initializer):
-            del sub.initializer[:]
-            sub.initializer.extend(keep)
-
-
-def _restore_inputs(model: onnx.ModelProto, info: ModelInfo) -> None:
-    """Keep the original input order, and initializers listed as inputs (IR < 4 style)."""
-    graph = model.graph
-    by_name = {i.name: i for i in graph.input}
-    inits = {t.name: t for t in graph.initializer}
-    ordered: list[onnx.ValueInfoProto] = []
-    for name in info.input_order:
-        if name in by_name:
-            ordered.append(by_name.pop(name))
-        elif name in info.initializer_inputs and name in inits:
-            t = inits[name]
-            vi = onnx.ValueInfoProto(name=name)
-            vi.type.tensor_type.elem_type = t.data_type
-            for d in t.dims:
-                vi.type.tensor_type.shape.dim.add().dim_value = d
-            ordered.append(vi)
-    ordered.extend(by_name.values())
-    del graph.input[:]
-    graph.input.extend(ordered)
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of initializer payload, counting external tensors by their recorded length."""
-    total = 0
-    for graph in iter_all_graphs(model):
-        for tensor in graph.initializer:
-            total += tensor_nbytes(tensor)
-    return total
-
-
-def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    """Payload bytes of one tensor, inline or external, without loading it."""
-    if external_data_helper.uses_external_data(tensor):
-        info = {e.key: e.value for e in tensor.external_data}
-        if "length" in info:
-            return int(info["length"])
-        return os.path.getsize(info["location"]) - int(info.get("offset", 0))
-    return tensor.ByteSize()
 
 
 def save(
@@ -345,9 +277,9 @@ def save(
     try:
         if external_data:
             assert tmp_data is not None
-            _write_external(model, tmp_data, data_name)
+            write_external(model, tmp_data, data_name)
         else:
-            _inline_external(model)
+            inline_external(model)
         with open(tmp_model, "wb") as f:
             f.write(model.SerializeToString())
         if tmp_data is not None:
@@ -365,60 +297,5 @@ def save(
 def _temp_sibling(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes 0600; outputs are ordinary files once renamed
     return Path(name)
-
-
-def _read_external(tensor: onnx.TensorProto) -> Iterator[bytes]:
-    info = {e.key: e.value for e in tensor.external_data}
-    offset = int(info.get("offset", 0))
-    length = int(info["length"]) if "length" in info else None
-    with open(info["location"], "rb") as f:
-        f.seek(offset)
-        remaining = length
-        while remaining is None or remaining > 0:
-            chunk = f.read(1 << 24 if remaining is None else min(1 << 24, remaining))
-            if not chunk:
-                break
-            if remaining is not None:
-                remaining -= len(chunk)
-            yield chunk
-
-
-def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    tensor.ClearField("raw_data")
-
-
-def _write_external(model: onnx.ModelProto, data_file: Path, data_name: str) -> None:
-    """Stream every large tensor (inline or external) into one data file, 4 KiB aligned."""
-    with open(data_file, "wb") as out:
-        for graph in iter_all_graphs(model):
-            for tensor in graph.initializer:
-                is_external = external_data_helper.uses_external_data(tensor)
-                if not is_external and tensor.ByteSize() < EXTERNAL_TENSOR_MIN_BYTES:
-                    continue
-                pad = (-out.tell()) % 4096
-                out.write(b"\0" * pad)
-                offset = out.tell()
-                if is_external:
-                    for chunk in _read_external(tensor):
-                        out.write(chunk)
-                else:
-                    if not tensor.HasField("raw_data"):
-                        array = onnx.numpy_helper.to_array(tensor)
-                        fresh = onnx.numpy_helper.from_array(array, tensor.name)
-                        tensor.CopyFrom(fresh)
-                    out.write(tensor.raw_data)
-                _set_external(tensor, data_name, offset, out.tell() - offset)
-
-
-def _inline_external(model: onnx.ModelProto) -> None:
-    """Pull the bytes of tensors still pointing at the input's data file into the proto."""
-    for tensor in list(_external_tensors(model)):
-        data = b"".join(_read_external(tensor))
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = data

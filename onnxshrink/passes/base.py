@@ -85,6 +85,9 @@ class Context:
     workdir: Path | None = None
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
     opset: int = 1
+    #: The recipe's validation bounds (``Tolerance.to_dict()``), for passes that check
+    #: themselves against them (the quantization tolerance guard); empty when unknown.
+    tolerance: dict[str, float] = field(default_factory=dict)
 
     @property
     def rng(self) -> np.random.Generator:

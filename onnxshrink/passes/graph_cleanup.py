@@ -80,14 +80,15 @@ class CleanupGraphPass(Pass[CleanupParams]):
                 self._fold_constants(g, nodes, int(graph.opset or ctx.opset), result)
         if self.params.fold_batchnorm:
             names = edit.NameScope(graph)
-            for node in [n for n in graph.nodes if id(n) in chosen and n.op == "BatchNormalization"]:
+            bns = [n for n in graph.nodes if id(n) in chosen and n.op == "BatchNormalization"]
+            for node in bns:
                 _fold_batchnorm(graph, node, result, names)
         return result
 
     def _fold_constants(
         self, graph: gs.Graph, nodes: Sequence[gs.Node], opset: int, result: PassResult
     ) -> None:
-        foldable = _foldable(nodes)
+        foldable = _foldable(nodes, self.params.max_growth_bytes)
         if not foldable:
             return
         outputs = [t for n in foldable for t in n.outputs if t.name]
@@ -102,13 +103,26 @@ class CleanupGraphPass(Pass[CleanupParams]):
         for tensor in frontier:
             edit.replace_with_constant(tensor, values[tensor.name])
         for node in folded:
+            result.touch(_label(node), action="folded")
             edit.disconnect(node)
-            result.touch(node, action="folded")
 
 
-def _foldable(nodes: Sequence[gs.Node]) -> list[gs.Node]:
-    """Nodes computable from constants alone, in order (closure over earlier foldable nodes)."""
-    produced: set[str] = set()
+def _label(node: gs.Node) -> str:
+    """A report key for a node: exporters often leave Constant nodes unnamed."""
+    if node.name:
+        return str(node.name)
+    out = node.outputs[0].name if node.outputs else ""
+    return f"{node.op}:{out}"
+
+
+def _foldable(nodes: Sequence[gs.Node], allowance: int) -> list[gs.Node]:
+    """Nodes computable from constants alone, in order (closure over earlier foldable nodes).
+
+    A node whose inferred output is already larger than every constant it derives from (plus
+    the allowance) is left out before anything runs: it could never be stored, and evaluating
+    it (a ConstantOfShape or Tile to gigabytes) could exhaust memory.
+    """
+    bound: dict[str, int] = {}  # upper bound of source bytes behind each produced tensor
     out = []
     for node in nodes:
         if (node.domain or "") not in ("", "ai.onnx") or node.op in NOT_FOLDABLE:
@@ -116,52 +130,140 @@ def _foldable(nodes: Sequence[gs.Node]) -> list[gs.Node]:
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             continue
         inputs = [t for t in node.inputs if t.name]
-        if not all(isinstance(t, gs.Constant) or t.name in produced for t in inputs):
+        if not all(isinstance(t, gs.Constant) or t.name in bound for t in inputs):
             continue
         if not node.outputs:
             continue
+        source = _inline_bytes(node) + sum(
+            _nbytes(t) if isinstance(t, gs.Constant) else bound[t.name] for t in inputs
+        )
+        if any(_static_nbytes(t) > source + allowance for t in node.outputs):
+            continue
         out.append(node)
-        produced.update(t.name for t in node.outputs)
+        bound.update((t.name, source) for t in node.outputs)
     return out
+
+
+def _nbytes(tensor: gs.Constant) -> int:
+    """Bytes of a constant without loading lazy (external) values."""
+    nbytes = getattr(tensor._values, "nbytes", None)
+    return int(nbytes) if nbytes is not None else int(np.asarray(tensor.values).nbytes)
+
+
+def _static_nbytes(tensor: gs.Tensor) -> int:
+    """Bytes of a tensor whose shape and dtype inference fixed, else 0 (unknown)."""
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return 0
+    try:
+        itemsize = int(np.dtype(tensor.dtype).itemsize)
+    except TypeError:
+        return 0
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+@dataclass
+class _Sources:
+    """The constants each folded tensor derives from: gs.Constant inputs and Constant nodes."""
+
+    cones: dict[str, frozenset[int]]  # tensor name -> ids of source constants
+    nbytes: dict[int, int]  # source id -> bytes
+    readers: dict[int, list[int]]  # source id -> ids of nodes that must fold for it to vanish
+
+    @classmethod
+    def of(cls, nodes: list[gs.Node]) -> _Sources:
+        """Trace sources through `nodes` (in topological order)."""
+        cones: dict[str, frozenset[int]] = {}
+        nbytes: dict[int, int] = {}
+        readers: dict[int, list[int]] = {}
+        for node in nodes:
+            cone: set[int] = set()
+            if node.op == "Constant":
+                nbytes[id(node)] = _inline_bytes(node)
+                readers[id(node)] = [id(node)]
+                cone.add(id(node))
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    if id(t) not in nbytes:
+                        nbytes[id(t)] = _nbytes(t)
+                        readers[id(t)] = [id(c) for c in t.outputs]  # subgraph readers too
+                    cone.add(id(t))
+                elif t.name in cones:
+                    cone |= cones[t.name]
+            frozen = frozenset(cone)
+            cones.update((t.name, frozen) for t in node.outputs)
+        return cls(cones, nbytes, readers)
 
 
 def _bounded(
     graph: gs.Graph, nodes: list[gs.Node], values: dict[str, np.ndarray], allowance: int
 ) -> set[int]:
-    """Ids of nodes whose folding keeps the file from growing; graph outputs stay computed."""
-    source_bytes: dict[str, int] = {}
-    for node in nodes:
-        leaf = _inline_bytes(node)
-        for t in node.inputs:
-            if isinstance(t, gs.Constant):
-                leaf += int(np.asarray(t.values).nbytes)
-            else:
-                leaf += source_bytes.get(t.name, 0)
-        for t in node.outputs:
-            source_bytes[t.name] = leaf
+    """Ids of nodes whose folding keeps the file from growing; graph outputs stay computed.
+
+    Folded tensors that share a source are judged together: their bytes may not exceed the
+    bytes of the sources that disappear with them (plus the allowance). A source something else
+    still reads (another node, a subgraph, a graph output) does not disappear, so it pays for
+    nothing: folding ``Transpose(W)`` while ``W`` is also read elsewhere would store W twice.
+    While a group is too big, its largest tensor goes back to being computed.
+    """
+    src = _Sources.of(nodes)
+    producer = {t.name: id(n) for n in nodes for t in n.outputs}
     keep = {id(n) for n in nodes}
-    changed = True
-    while changed:  # un-keeping a node can turn its inputs into frontier tensors
-        changed = False
-        for node in nodes:
-            if id(node) in keep and any(
-                _must_stay(graph, t, keep, values, source_bytes[t.name] + allowance)
-                for t in node.outputs
-            ):
-                keep.discard(id(node))
-                changed = True
-    return keep
+    while True:
+        frontier = _frontier(graph, [n for n in nodes if id(n) in keep])
+        stuck = {
+            producer[t.name]
+            for t in frontier
+            if query.is_graph_output(graph, t) or t.name not in values
+        }
+        stuck |= {
+            producer[t.name]
+            for n in nodes
+            if id(n) in keep
+            for t in n.outputs
+            if query.is_graph_output(graph, t)
+        }
+        if not stuck:
+            stuck = _over_budget(frontier, src, keep, values, allowance, producer)
+        if not stuck:
+            return keep
+        keep -= stuck
 
 
-def _must_stay(
-    graph: gs.Graph, t: gs.Tensor, keep: set[int], values: dict[str, np.ndarray], limit: int
-) -> bool:
-    """Whether a tensor read outside the kept set cannot become an initializer."""
-    if query.is_graph_output(graph, t):
-        return True
-    if not any(id(c) not in keep for c in t.outputs):
-        return False
-    return t.name not in values or values[t.name].nbytes > limit
+def _over_budget(
+    frontier: list[gs.Variable],
+    src: _Sources,
+    keep: set[int],
+    values: dict[str, np.ndarray],
+    allowance: int,
+    producer: dict[str, int],
+) -> set[int]:
+    """Producers of the largest tensor of every group of frontier tensors that outgrows its
+    disappearing sources (groups: frontier tensors connected through shared sources)."""
+    parent: dict[int, int] = {}
+    for t in frontier:
+        for s in src.cones.get(t.name, ()):
+            parent[_find(parent, id(t))] = _find(parent, s)
+    groups: dict[int, list[gs.Variable]] = {}
+    for t in frontier:
+        groups.setdefault(_find(parent, id(t)), []).append(t)
+    stuck = set()
+    for members in groups.values():
+        sources = set().union(*(src.cones.get(t.name, frozenset()) for t in members))
+        freed = sum(src.nbytes[s] for s in sources if all(r in keep for r in src.readers[s]))
+        new = sum(int(values[t.name].nbytes) for t in members)
+        if new > freed + allowance:
+            largest = max(members, key=lambda t: int(values[t.name].nbytes))
+            stuck.add(producer[largest.name])
+    return stuck
+
+
+def _find(parent: dict[int, int], x: int) -> int:
+    """Union-find root of `x` (with path halving)."""
+    while parent.setdefault(x, x) != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
 
 
 def _inline_bytes(node: gs.Node) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +81,10 @@ def compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             total += r.shape[0]
     metrics.max_abs = max_abs
     metrics.rel_l2 = float(np.sqrt(err2 / ref2)) if ref2 > 0 else (0.0 if err2 == 0 else np.inf)
-    metrics.snr_db = float(10 * np.log10(ref2 / err2)) if err2 > 0 else float("inf")
+    if err2 == 0:
+        metrics.snr_db = float("inf")
+    else:  # an all-zero reference with any error has no signal at all: -inf, not a warning
+        metrics.snr_db = float(10 * np.log10(ref2 / err2)) if ref2 > 0 else float("-inf")
     metrics.cosine = float(min(cosines)) if cosines else 1.0
     metrics.top1 = agree / total if total else None
     return metrics
@@ -103,7 +106,7 @@ def judge(metrics: OutputMetrics, tol: Tolerance) -> OutputMetrics:
         if m.mismatch > tol.max_mismatch:
             m.failures.append(f"mismatch {m.mismatch:.4g} > {tol.max_mismatch:g}")
         return m
-    checks = [
+    checks: list[tuple[float | None, float | None, str, Callable[[float, float], bool]]] = [
         (tol.max_abs, m.max_abs, "max_abs", lambda v, t: v <= t),
         (tol.max_rel_l2, m.rel_l2, "rel_l2", lambda v, t: v <= t),
         (tol.min_cosine, m.cosine, "cosine", lambda v, t: v >= t),

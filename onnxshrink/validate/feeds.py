@@ -6,6 +6,7 @@ clear `SampleError`, not an onnxruntime stack trace halfway through a run.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from onnxshrink.errors import SampleError
 #: others 64 (enough for strided convolutions and short sequences).
 DEFAULT_BATCH = 1
 DEFAULT_DYNAMIC = 64
+#: Vocabulary of random string inputs.
+WORDS = np.array(["monday", "Tuesday", "the", "ONNX", "model", "shrink", "a", ""], dtype=object)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class InputSpec:
 
     def describe(self) -> str:
         """Readable signature, e.g. ``x float32[batch,3,32,32]``."""
-        dims = "?" if self.dims is None else ",".join("?" if d is None else str(d) for d in self.dims)
+        if self.dims is None:
+            return f"{self.name} {self.dtype}[?]"
+        dims = ",".join("?" if d is None else str(d) for d in self.dims)
         return f"{self.name} {self.dtype}[{dims}]"
 
 
@@ -44,6 +49,8 @@ class Feeds:
     source: str
     references: list[list[np.ndarray]] | None = None
     notes: list[str] = field(default_factory=list)
+    #: Made up from the input signature: a model that fails on them is at fault, not the user.
+    generated: bool = False
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -59,8 +66,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))  # noqa: TID251
         dims: tuple[int | str | None, ...] | None = None
         if tt.HasField("shape"):
-            dims = tuple(
-                d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+            dims = tuple(  # 0 is a real (empty) dim: onnxruntime insists on it
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
                 else (d.dim_param or None)
                 for d in tt.shape.dim
             )
@@ -110,7 +117,7 @@ def random_feeds(
             shape = concrete_shape(spec, dims)
             sample[spec.name] = _random_array(rng, spec, shape, int_high.get(spec.name, 2))
         samples.append(sample)
-    return Feeds(samples, source=f"random(seed={seed})")
+    return Feeds(samples, source=f"random(seed={seed})", generated=True)
 
 
 def _random_array(
@@ -122,7 +129,14 @@ def _random_array(
     if kind in "iu":
         return rng.integers(0, max(high, 1), size=shape).astype(spec.dtype)
     if kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar otherwise
+    if kind in "OU":  # strings: short words, so text ops see real content
+        return WORDS[rng.integers(0, len(WORDS), size=shape)]
+    if kind == "V":  # bfloat16, float8, int4 (ml_dtypes): numpy cannot hand them to onnxruntime
+        raise SampleError(
+            f"input {spec.name!r} has dtype {spec.dtype}, which onnxruntime's Python API cannot "
+            "feed, so this model cannot be validated"
+        )
     raise SampleError(
         f"input {spec.name!r} has dtype {spec.dtype}, which random samples cannot produce; "
         "provide samples (--samples)"
@@ -131,6 +145,8 @@ def _random_array(
 
 def load_npz(path: Path, specs: list[InputSpec], limit: int | None = None) -> Feeds:
     """Samples from an .npz whose keys are input names and whose first axis indexes samples."""
+    if not zipfile.is_zipfile(path):
+        raise SampleError(f"{path}: not an .npz file (numpy.savez writes a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -205,13 +221,13 @@ def read_pb(path: Path) -> Any:
         raise SampleError(f"{path}: not a TensorProto or SequenceProto ({e})") from None
 
 
-def _conform(array: Any, spec: InputSpec, where: str) -> np.ndarray:
+def _conform(value: Any, spec: InputSpec, where: str) -> np.ndarray:
     """Check dtype and static dims; allow only value-preserving casts (float64 -> float32)."""
-    array = np.asarray(array)
+    array: np.ndarray = np.asarray(value)
     if array.dtype != spec.dtype:
         same_kind = array.dtype.kind == spec.dtype.kind or (
             array.dtype.kind in "iu" and spec.dtype.kind in "iu"
-        )
+        ) or (array.dtype.kind in "US" and spec.dtype.kind == "O")
         if not same_kind:
             raise SampleError(
                 f"{where}: input {spec.name!r} has dtype {array.dtype}, the model expects "

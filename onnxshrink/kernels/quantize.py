@@ -1,0 +1,387 @@
+"""Linear (affine) quantization numerics: ranges, scales, zero points, quantize, dequantize.
+
+Pure numpy, vectorized over channels and blocks. The conventions are onnxruntime's, so a tensor
+quantized here and dequantized by ``DequantizeLinear`` gives exactly :func:`dequantize`:
+
+- ``q = saturate(rint(x / scale) + zero_point)`` (round half to even, as ``QuantizeLinear``).
+- The real range always contains 0, so zero is exactly representable (padding, ReLU outputs).
+- Symmetric signed types use the restricted range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` so that
+  ``-q`` never overflows and the zero point is 0; symmetric unsigned types centre on 2^(b-1).
+- 4-bit values are returned in int8/uint8 containers; packing two per byte is the ONNX
+  writer's job, not a numerics question.
+
+Granularity is described by ``axis`` (None: one scale for the tensor; an int: one scale per
+index along that axis) and ``block_size`` (with an axis: one scale per ``block_size``
+consecutive elements along ``axis``, as ONNX opset 21 blocked quantization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+QDType = Literal["int8", "uint8", "int4", "uint4"]
+
+#: (qmin, qmax, container dtype) of each integer type.
+_TYPES: dict[str, tuple[int, int, type[np.integer]]] = {
+    "int8": (-128, 127, np.int8),
+    "uint8": (0, 255, np.uint8),
+    "int4": (-8, 7, np.int8),
+    "uint4": (0, 15, np.uint8),
+    "int32": (-(2**31), 2**31 - 1, np.int32),
+}
+
+
+def bits(dtype: str) -> int:
+    """Bit width of an integer type name."""
+    return {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "int32": 32}[dtype]
+
+
+def is_signed(dtype: str) -> bool:
+    """Whether the integer type is signed."""
+    return not dtype.startswith("u")
+
+
+def container(dtype: str) -> type[np.integer]:
+    """The numpy dtype that holds values of `dtype` (int8/uint8 for 4-bit types)."""
+    return _TYPES[dtype][2]
+
+
+def qrange(dtype: str, *, symmetric: bool = False, reduce_range: bool = False) -> tuple[int, int]:
+    """Integer range used for quantization.
+
+    Symmetric signed ranges drop the most negative value (e.g. int8 becomes [-127, 127]) so
+    that the range is symmetric around the zero point 0. `reduce_range` keeps one bit fewer,
+    which avoids int16 saturation in u8s8 kernels on CPUs without VNNI.
+    """
+    qmin, qmax, _ = _TYPES[dtype]
+    if reduce_range:
+        span = (qmax - qmin + 1) // 2
+        qmin = -(span // 2) if is_signed(dtype) else 0
+        qmax = qmin + span - 1
+    if symmetric and is_signed(dtype):
+        qmin = -qmax
+    return qmin, qmax
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one quantized tensor, plus how they map onto its elements."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str
+    axis: int | None = None
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size is not None and self.axis is None:
+            raise ValueError("blocked quantization needs an axis")
+
+
+def choose_qparams(
+    lo: np.ndarray | float,
+    hi: np.ndarray | float,
+    dtype: str,
+    *,
+    symmetric: bool = False,
+    reduce_range: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (container dtype) for real ranges ``[lo, hi]``.
+
+    Works element-wise on arrays of ranges (one per channel or block). The range is first
+    widened to contain 0. A zero-width range gets scale 1 so that dequantization stays finite
+    and every value maps to the zero point exactly.
+    """
+    lo64 = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi64 = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    qmin, qmax = qrange(dtype, symmetric=symmetric, reduce_range=reduce_range)
+    if symmetric:
+        absmax = np.maximum(-lo64, hi64)
+        scale = absmax * 2.0 / (qmax - qmin)
+        zp = np.full(scale.shape, 0 if is_signed(dtype) else (qmin + qmax + 1) // 2, np.float64)
+    else:
+        scale = (hi64 - lo64) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.rint(qmin - lo64 / safe), qmin, qmax)
+    scale = np.where(scale > 0, scale, 1.0)
+    scale32 = scale.astype(np.float32)
+    # float32 rounding can leave a scale denormal-small; keep it a normal number.
+    scale32 = np.maximum(scale32, np.float32(np.finfo(np.float32).tiny))
+    return scale32, zp.astype(container(dtype))
+
+
+def _expand(
+    values: np.ndarray, shape: tuple[int, ...], axis: int | None, block: int | None
+) -> np.ndarray:
+    """Broadcast per-tensor/per-axis/per-block parameters to the full tensor `shape`."""
+    if axis is None:
+        return values.reshape(())
+    axis = axis % len(shape)
+    if block is None:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return values.reshape(view)
+    expanded = np.repeat(values, block, axis=axis)
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(0, shape[axis])
+    return expanded[tuple(index)]
+
+
+def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """``saturate(rint(x / scale) + zero_point)`` in the container dtype of ``qp.dtype``."""
+    qmin, qmax, ctype = _TYPES[qp.dtype]
+    scale = _expand(np.asarray(qp.scale, np.float32), x.shape, qp.axis, qp.block_size)
+    zp = _expand(np.asarray(qp.zero_point), x.shape, qp.axis, qp.block_size)
+    q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zp.astype(np.float32)
+    return np.clip(q, qmin, qmax).astype(ctype)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """``(q - zero_point) * scale`` in float32, as ``DequantizeLinear``."""
+    scale = _expand(np.asarray(qp.scale, np.float32), q.shape, qp.axis, qp.block_size)
+    zp = _expand(np.asarray(qp.zero_point), q.shape, qp.axis, qp.block_size)
+    return ((q.astype(np.int64) - zp.astype(np.int64)).astype(np.float32) * scale).astype(
+        np.float32
+    )
+
+
+def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """Quantize then dequantize: what a Q/DQ pair does to `x`."""
+    return dequantize(quantize(x, qp), qp)
+
+
+def _blocked_view(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, int]:
+    """`w` with `axis` split into (blocks, block) (zero padded); returns the view and blocks."""
+    axis = axis % w.ndim
+    n = w.shape[axis]
+    blocks = -(-n // block)
+    pad = blocks * block - n
+    if pad:
+        widths = [(0, 0)] * w.ndim
+        widths[axis] = (0, pad)
+        w = np.pad(w, widths)
+    shape = (*w.shape[:axis], blocks, block, *w.shape[axis + 1 :])
+    return w.reshape(shape), blocks
+
+
+def weight_range(
+    w: np.ndarray, axis: int | None = None, block_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of `w` per tensor, per index along `axis`, or per block along `axis`."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.size == 0:
+        return np.zeros(()), np.zeros(())
+    if axis is None:
+        return np.asarray(w.min()), np.asarray(w.max())
+    axis = axis % w.ndim
+    if block_size is None:
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        return w.min(axis=others), w.max(axis=others)
+    view, _ = _blocked_view(w, axis, block_size)
+    return view.min(axis=axis + 1), view.max(axis=axis + 1)
+
+
+def weight_qparams(
+    w: np.ndarray,
+    dtype: str,
+    *,
+    axis: int | None = None,
+    block_size: int | None = None,
+    symmetric: bool = True,
+    reduce_range: bool = False,
+    clip_ratio: float = 1.0,
+) -> QParams:
+    """Quantization parameters of a weight from its own range (optionally shrunk)."""
+    lo, hi = weight_range(w, axis, block_size)
+    scale, zp = choose_qparams(
+        lo * clip_ratio, hi * clip_ratio, dtype, symmetric=symmetric, reduce_range=reduce_range
+    )
+    return QParams(
+        scale, zp, dtype, axis if axis is None else axis % max(np.ndim(w), 1), block_size
+    )
+
+
+def mse_weight_qparams(
+    w: np.ndarray,
+    dtype: str,
+    *,
+    axis: int | None = None,
+    block_size: int | None = None,
+    symmetric: bool = True,
+    reduce_range: bool = False,
+    ratios: np.ndarray | None = None,
+) -> QParams:
+    """Per-channel/block clipping ratio that minimizes the squared rounding error of `w`.
+
+    Scans shrink ratios of the min-max range (vectorized over channels; one pass over the
+    weight per candidate), which matters for 4-bit weights where one outlier per block would
+    otherwise waste most of the 16 levels.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    ratios = np.linspace(0.5, 1.0, 21) if ratios is None else np.asarray(ratios)
+    best_err: np.ndarray | None = None
+    best_ratio: np.ndarray | None = None
+    for r in ratios:
+        qp = weight_qparams(
+            w,
+            dtype,
+            axis=axis,
+            block_size=block_size,
+            symmetric=symmetric,
+            reduce_range=reduce_range,
+            clip_ratio=float(r),
+        )
+        err = _group_sq_error(w, fake_quantize(w, qp), axis, block_size)
+        if best_err is None or best_ratio is None:
+            best_err, best_ratio = err, np.full(err.shape, r)
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_ratio = np.where(better, r, best_ratio)
+    assert best_ratio is not None
+    lo, hi = weight_range(w, axis, block_size)
+    scale, zp = choose_qparams(
+        lo * best_ratio, hi * best_ratio, dtype, symmetric=symmetric, reduce_range=reduce_range
+    )
+    return QParams(scale, zp, dtype, axis if axis is None else axis % max(w.ndim, 1), block_size)
+
+
+def _group_sq_error(
+    w: np.ndarray, wq: np.ndarray, axis: int | None, block_size: int | None
+) -> np.ndarray:
+    """Squared error summed per quantization group (tensor, channel or block)."""
+    d = (w - wq) ** 2
+    if axis is None:
+        return np.asarray(d.sum())
+    axis = axis % w.ndim
+    if block_size is None:
+        return d.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+    view, _ = _blocked_view(d, axis, block_size)
+    return view.sum(axis=axis + 1)
+
+
+def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> QParams:
+    """int32 bias parameters with ``scale = input_scale * weight_scale`` and zero point 0.
+
+    This is the scale integer kernels accumulate in, so the bias is added without rescaling.
+    Returns per-channel parameters (axis 0) when `weight_scale` has one entry per channel.
+    """
+    ws = np.asarray(weight_scale, dtype=np.float64).reshape(-1)
+    scale = (float(input_scale) * ws).astype(np.float32)
+    scale = np.maximum(scale, np.float32(np.finfo(np.float32).tiny))
+    zp = np.zeros(scale.shape, np.int32)
+    if scale.size == 1 and np.asarray(bias).size != 1:
+        return QParams(scale.reshape(()), zp.reshape(()), "int32")
+    return QParams(scale, zp, "int32", axis=0)
+
+
+def quantize_int32(bias: np.ndarray, qp: QParams) -> np.ndarray:
+    """Round a bias to int32 with saturation (a float64 path, since float32 loses int32 bits)."""
+    scale = _expand(np.asarray(qp.scale, np.float64), bias.shape, qp.axis, None)
+    q = np.rint(np.asarray(bias, np.float64) / scale)
+    return np.clip(q, -(2**31), 2**31 - 1).astype(np.int32)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte, low nibble first (ONNX and MatMulNBits order), flat."""
+    flat = np.asarray(q).reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, count: int, *, signed: bool) -> np.ndarray:
+    """Inverse of :func:`pack_int4` for `count` values."""
+    p = np.asarray(packed, np.uint8).reshape(-1)
+    out = np.empty(p.size * 2, np.uint8)
+    out[0::2] = p & 0x0F
+    out[1::2] = p >> 4
+    out = out[:count]
+    if signed:
+        return np.where(out >= 8, out.astype(np.int16) - 16, out).astype(np.int8)
+    return out
+
+
+def bias_correction(
+    dw: np.ndarray, mean: np.ndarray, *, layout: Literal["conv", "rows", "cols"], group: int = 1
+) -> np.ndarray:
+    """Per-output-channel mean error ``(W - Wq) . E[x]`` that rounding the weights introduces.
+
+    Adding it to the bias makes the quantized layer unbiased on the calibration data (the
+    closed form of Nagel et al.'s bias correction). Layouts: ``conv`` (W is [Cout, Cin/group,
+    *kernel], padding ignored), ``rows`` (W is [N, K]: Gemm with transB) and ``cols`` (W is
+    [K, N]: MatMul, Gemm without transB). `mean` holds E[x] per input channel.
+    """
+    d = np.asarray(dw, np.float64)
+    m = np.asarray(mean, np.float64).reshape(-1)
+    if layout == "rows":
+        return d @ m
+    if layout == "cols":
+        return m @ d
+    per_in = d.reshape(d.shape[0], d.shape[1], -1).sum(axis=2)
+    cout, cin_g = per_in.shape
+    grouped = per_in.reshape(group, cout // group, cin_g)
+    return np.einsum("goc,gc->go", grouped, m.reshape(group, cin_g)).reshape(cout)
+
+
+def pack_matmulnbits(
+    q: np.ndarray, zero_point: np.ndarray, bits: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights [K, N] (unsigned codes) and block zero points [blocks, N] in MatMulNBits layout.
+
+    MatMulNBits stores B transposed and blocked: ``[N, blocks, block_size * bits / 8]`` bytes,
+    low nibble first for 4 bits, K zero-padded to whole blocks; zero points are packed the same
+    way per column (``[N, ceil(blocks * bits / 8)]``).
+    """
+    k, n = q.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.uint8)
+    padded[:k] = np.asarray(q).astype(np.uint8)
+    cols = padded.T.reshape(n, blocks, block_size)
+    zp = np.asarray(zero_point).astype(np.uint8).reshape(blocks, n).T
+    if bits == 8:
+        return np.ascontiguousarray(cols), np.ascontiguousarray(zp)
+    packed = (cols[..., 0::2] & 0x0F) | ((cols[..., 1::2] & 0x0F) << 4)
+    if blocks % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+    zp_packed = (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
+    return np.ascontiguousarray(packed.astype(np.uint8)), np.ascontiguousarray(
+        zp_packed.astype(np.uint8)
+    )
+
+
+def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant factors ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``, clipped, 1 if undefined.
+
+    Dividing x by `s` and multiplying W's input rows by `s` keeps ``x W`` exact in float while
+    moving activation range into the weights.
+    """
+    a = np.asarray(act_absmax, np.float64)
+    w = np.asarray(weight_absmax, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = np.power(a, alpha) / np.power(w, 1.0 - alpha)
+    s = np.where(np.isfinite(s) & (s > 0) & (a > 0) & (w > 0), s, 1.0)
+    return np.clip(s, 1e-4, 1e4)
+
+
+def smoothed_int8_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
+    """Relative output error of int8 ``(x / s) (diag(s) W)`` against float ``x W``, over layers.
+
+    `x` holds sample rows [n, K]; each weight is [K, N]. Activations: uint8 per tensor over the
+    rows' range; weights: int8 symmetric per output column, as quant.qdq writes them.
+    """
+    x = np.asarray(x, np.float32)
+    xs = x / s.astype(np.float32)
+    sc, zp = choose_qparams(float(xs.min()), float(xs.max()), "uint8")
+    xq = fake_quantize(xs, QParams(sc, zp, "uint8"))
+    err = ref = 0.0
+    for w in weights:
+        y = x @ w
+        ws = (w * s[:, None]).astype(np.float32)
+        wq = fake_quantize(ws, weight_qparams(ws, "int8", axis=1))
+        err += float(np.sum((xq @ wq - y) ** 2))
+        ref += float(np.sum(y**2))
+    return err / ref if ref > 0 else 0.0

@@ -1,0 +1,399 @@
+"""The tolerance and latency guard of ``quant.qdq``: measure, attribute, keep the fewest in float.
+
+Per-layer sensitivity differs by orders of magnitude (DESIGN.md), so instead of asking the user
+which layers to leave in float, the guard:
+
+1. builds the fully quantized candidate on a copy of the graph (calibration is done once, so
+   any subset of layers can be materialised again cheaply) and runs it in onnxruntime with the
+   fusions users deploy;
+2. if it misses the recipe's tolerance, attributes the error to layers: in one run of the
+   candidate and the float graph with every layer's input and output exposed, a layer's share
+   is the relative error it *adds* (error at its output minus error at its input);
+3. returns layers to float in that order, doubling the count until the tolerance holds, then
+   tries to re-quantize each returned layer (most harmless first) and keeps it if the tolerance
+   still holds, so the float set is small;
+4. measures latency of the result against the float graph (interleaved runs, median) and, if the
+   quantized model is slower, drops the least compute-heavy layers until it is faster, or gives
+   up on quantization for the model altogether ("never ship a model slower than the original").
+
+Every decision is reported with its numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxshrink import runtime
+from onnxshrink.calibration import collect
+from onnxshrink.ir import edit
+from onnxshrink.kernels import quantize as qk
+from onnxshrink.passes.qdq_materialise import WeightConfig, materialise, weight_dtypes
+from onnxshrink.passes.qdq_opset import raise_opset
+from onnxshrink.passes.qdq_plan import PlanOptions
+from onnxshrink.passes.qdq_plan import plan as make_plan
+from onnxshrink.recipe.schema import Tolerance
+from onnxshrink.validate.compare import compare_output, judge
+
+logger = logging.getLogger(__name__)
+
+#: Builds the graph with every planned layer quantized except those at the given node indices.
+Build = Callable[[frozenset[int]], gs.Graph]
+
+
+@dataclass
+class GuardReport:
+    """What the guard decided and measured (JSON-ready through `to_dict`)."""
+
+    tolerance: dict[str, float]
+    kept_float: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: int = 0
+    final_failures: list[str] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=dict)
+    gave_up: str | None = None
+    ranking: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for PassResult.stats."""
+        out: dict[str, Any] = {
+            "tolerance": self.tolerance,
+            "kept_float": self.kept_float,
+            "evaluations": self.evaluations,
+        }
+        if self.final_failures:
+            out["final_failures"] = self.final_failures
+        if self.latency:
+            out["latency"] = self.latency
+        if self.gave_up:
+            out["gave_up"] = self.gave_up
+        if self.ranking:
+            out["ranking"] = self.ranking
+        return out
+
+
+class Evaluator:
+    """Runs candidates on the feeds and judges them against the float graph's outputs."""
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        feeds: Sequence[dict[str, np.ndarray]],
+        workdir: Path,
+        tolerance: Tolerance,
+    ) -> None:
+        self.graph = graph
+        self.feeds = list(feeds)
+        self.workdir = workdir
+        self.tolerance = tolerance
+        self.output_names = [t.name for t in graph.outputs]
+        self.reference = self._run(graph, self.output_names, "all")
+        self.runs = 0
+
+    def _run(self, graph: gs.Graph, names: list[str], opt: runtime.OptLevel) -> list[list[Any]]:
+        return collect.run_outputs(graph, names, self.feeds, self.workdir, stem="guard", opt=opt)
+
+    def failures(self, candidate: gs.Graph) -> list[str]:
+        """The tolerance bounds the candidate breaks (fused kernels, as deployed)."""
+        self.runs += 1
+        got = self._run(candidate, self.output_names, "all")
+        bad = []
+        for i, name in enumerate(self.output_names):
+            refs = [np.asarray(r[i]) for r in self.reference]
+            if refs[0].dtype.kind != "f":
+                continue
+            m = judge(compare_output(name, refs, [np.asarray(g[i]) for g in got]), self.tolerance)
+            bad += [f"{name}: {f}" for f in m.failures]
+        return bad
+
+    def output_error(self, candidate: gs.Graph, samples: int) -> float:
+        """Relative L2 error of every float output over the first `samples` feeds (fused)."""
+        feeds = self.feeds[:samples]
+        got = collect.run_outputs(
+            candidate, self.output_names, feeds, self.workdir, stem="guard", opt="all"
+        )
+        err2 = ref2 = 0.0
+        for ref, out in zip(self.reference, got):
+            for r, c in zip(ref, out):
+                r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
+                if r64.dtype.kind == "f" and r64.shape == c64.shape:
+                    err2 += float(np.sum((r64 - c64) ** 2))
+                    ref2 += float(np.sum(r64**2))
+        return float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0
+
+    def isolated_error(
+        self, build: Build, layers: dict[int, tuple[str, str]], samples: int = 8
+    ) -> dict[int, float]:
+        """Output error with only one layer quantized, for each layer (its true sensitivity:
+        local error times whatever the rest of the network does to it)."""
+        every = frozenset(layers)
+        return {k: self.output_error(build(every - {k}), samples) for k in sorted(layers)}
+
+    def added_error(
+        self, candidate: gs.Graph, layers: dict[int, tuple[str, str]]
+    ) -> dict[int, float]:
+        """Relative L2 error each layer adds (output error minus input error), per node index.
+
+        Both graphs run side by side one sample at a time and only running sums are kept, so
+        memory holds one sample's activations, not every sample's.
+        """
+        inputs = {t.name for t in self.graph.inputs}
+        names = sorted({n for pair in layers.values() for n in pair} - inputs)
+        err2 = dict.fromkeys(names, 0.0)
+        ref2 = dict.fromkeys(names, 0.0)
+        ref_s = _session(self.graph, names, self.workdir, "attr_ref")
+        cand_s = _session(candidate, names, self.workdir, "attr_cand")
+        for feed in self.feeds:
+            for n, r, c in zip(names, ref_s.run(names, feed), cand_s.run(names, feed)):
+                r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
+                if r64.shape == c64.shape:
+                    err2[n] += float(np.sum((r64 - c64) ** 2))
+                    ref2[n] += float(np.sum(r64**2))
+        err = {n: float(np.sqrt(err2[n] / ref2[n])) if ref2[n] > 0 else 0.0 for n in names}
+        err.update(dict.fromkeys(inputs, 0.0))  # model inputs are fed unchanged
+        return {k: max(err[o] - err[i], 0.0) for k, (i, o) in layers.items()}
+
+
+def _session(graph: gs.Graph, names: list[str], workdir: Path, stem: str) -> Any:
+    """A session on `graph` exposing `names` as extra outputs."""
+    path = collect.instrumented_model(graph, names, workdir / f"{stem}.onnx")
+    try:
+        return runtime.session(path, opt="basic")
+    finally:
+        for p in workdir.glob(f"{stem}.*"):
+            p.unlink(missing_ok=True)
+
+
+def accuracy_guard(
+    build: Build,
+    evaluator: Evaluator,
+    layers: dict[int, tuple[str, str]],
+    describe: Callable[[int], dict[str, Any]],
+    report: GuardReport,
+    max_evaluations: int = 24,
+    max_isolated: int = 128,
+) -> frozenset[int]:
+    """The smallest set of layer indices (found greedily) to keep in float for the tolerance.
+
+    Layers are ranked by their isolated sensitivity (output error with only that layer
+    quantized, on a few samples) when there are at most `max_isolated` of them, else by the
+    error each adds locally in one run of the full candidate.
+    """
+    full = build(frozenset())
+    failures = evaluator.failures(full)
+    if not failures:
+        report.evaluations = evaluator.runs
+        return frozenset()
+    if len(layers) <= max_isolated:
+        share = evaluator.isolated_error(build, layers)
+        report.ranking = "isolated output error (8 samples)"
+    else:
+        share = evaluator.added_error(full, layers)
+        report.ranking = "local added error"
+    order = sorted(layers, key=lambda k: (-share[k], k))
+    # exponential search for a prefix of the ranking that holds, then bisect it down
+    lo, hi = 0, 1
+    while hi < len(order) and evaluator.runs < max_evaluations:
+        failures = evaluator.failures(build(frozenset(order[:hi])))
+        if not failures:
+            break
+        lo, hi = hi, min(2 * hi, len(order))
+    else:
+        report.gave_up = (
+            f"tolerance not met unless (nearly) every layer stays float ({'; '.join(failures)})"
+        )
+        report.final_failures = failures
+        report.evaluations = evaluator.runs
+        return frozenset(layers)
+    while hi - lo > 1 and evaluator.runs < max_evaluations:
+        mid = (lo + hi) // 2
+        if evaluator.failures(build(frozenset(order[:mid]))):
+            lo = mid
+        else:
+            hi = mid
+    chosen = frozenset(order[:hi])
+    # put back the least harmful ones while the tolerance still holds
+    for k in sorted(chosen, key=lambda k: (share[k], k)):
+        if evaluator.runs >= max_evaluations or len(chosen) == 1:
+            break
+        trial = chosen - {k}
+        if not evaluator.failures(build(trial)):
+            chosen = trial
+    for k in sorted(chosen, key=lambda k: -share[k]):
+        report.kept_float.append(
+            {
+                **describe(k),
+                "error": round(share[k], 6),
+                "reason": "returned to float by the tolerance guard",
+            }
+        )
+    report.evaluations = evaluator.runs
+    return chosen
+
+
+def latency(
+    path_or_graph: gs.Graph, feeds: Sequence[dict[str, np.ndarray]], workdir: Path, stem: str
+) -> Any:
+    """An onnxruntime session on the exported graph (the caller times it)."""
+    path = collect.instrumented_model(path_or_graph, [], workdir / f"{stem}.onnx")
+    try:
+        return runtime.session(path, threads=1)
+    finally:
+        for p in workdir.glob(f"{stem}.*"):
+            p.unlink(missing_ok=True)
+
+
+def timed_ratio(
+    quant: Any, base: Any, feed: dict[str, np.ndarray], budget_s: float = 1.0, rounds: int = 7
+) -> tuple[float, float, float]:
+    """Median latency of two sessions measured in alternation: (quant_ms, base_ms, ratio)."""
+    for s in (quant, base):
+        for _ in range(3):
+            s.run(None, feed)
+    tq: list[float] = []
+    tb: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(tq) < rounds or (time.perf_counter() < deadline and len(tq) < 200):
+        for s, acc in ((quant, tq), (base, tb)):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            acc.append(time.perf_counter() - t0)
+    q, b = float(np.median(tq)) * 1e3, float(np.median(tb)) * 1e3
+    return q, b, q / b if b > 0 else 1.0
+
+
+def latency_guard(
+    build: Build,
+    graph: gs.Graph,
+    excluded: frozenset[int],
+    macs: dict[int, float],
+    feed: dict[str, np.ndarray],
+    workdir: Path,
+    report: GuardReport,
+) -> frozenset[int] | None:
+    """Exclusions that make the quantized graph faster than `graph`; None if none does."""
+    base = latency(graph, [feed], workdir, "latency_float")
+    current = excluded
+    candidates = sorted((k for k in macs if k not in excluded), key=lambda k: (macs[k], k))
+    step = max(1, len(candidates) // 4)
+    tried = 0
+    while True:
+        quant = latency(build(current), [feed], workdir, "latency_quant")
+        q, b, ratio = timed_ratio(quant, base, feed)
+        report.latency = {
+            "float_ms": round(b, 4),
+            "quantized_ms": round(q, 4),
+            "ratio": round(ratio, 3),
+            "threads": 1,
+        }
+        if ratio <= 1.0:
+            return current
+        remaining = [k for k in candidates if k not in current]
+        if len(remaining) <= step or tried >= 4:  # at most the lightest quarter goes back
+            report.gave_up = (
+                f"the quantized model was slower than float ({ratio:.2f}x at 1 thread); "
+                "left in float"
+            )
+            return None
+        current = current | frozenset(remaining[:step])
+        tried += 1
+
+
+class CandidateBuilder:
+    """Materialises the plan on a copy of the float graph, minus some layers (by node index).
+
+    Calibration happened once on the float graph; activation parameters are keyed by tensor
+    name and the copy keeps every name and the node order, so any subset costs one
+    materialise and no new calibration.
+    """
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        targets: Sequence[gs.Node],
+        opts: PlanOptions,
+        act_qparams: dict[str, qk.QParams],
+        means: dict[int, np.ndarray],
+        wcfg: WeightConfig,
+        weight_choice: str,
+    ) -> None:
+        index = {id(n): i for i, n in enumerate(graph.nodes)}
+        self.graph = graph
+        self.target_idx = [index[id(t)] for t in targets]
+        self.opts = opts
+        self.act_qparams = act_qparams
+        self.means = {index[k]: v for k, v in means.items() if k in index}
+        self.wcfg = wcfg
+        self.weight_choice = weight_choice
+
+    def __call__(self, excluded: frozenset[int]) -> gs.Graph:
+        copy = self.graph.copy()
+        raise_opset(copy, max(13, int(copy.opset or 1)), edit.NameScope(copy))
+        targets = [copy.nodes[i] for i in self.target_idx if i not in excluded]
+        plan = make_plan(copy, targets, self.opts)
+        dtypes = weight_dtypes(plan, self.act_qparams, self.weight_choice)
+        means = {id(copy.nodes[i]): m for i, m in self.means.items()}
+        materialise(copy, plan, self.act_qparams, edit.NameScope(copy), self.wcfg, dtypes, means)
+        copy.cleanup(remove_unused_graph_inputs=False).toposort()
+        return copy
+
+
+def layer_macs(node: gs.Node) -> float:
+    """Multiply-accumulates of a linear layer per sample, from static shapes when known."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    weight = float(np.prod(w.shape)) if w is not None and w.shape else 1.0
+    y = node.outputs[0]
+    dims = [d for d in (y.shape or []) if isinstance(d, int)]
+    if node.op in ("Conv", "ConvTranspose"):
+        return weight * float(np.prod(dims[2:])) if len(dims) > 2 else weight
+    return weight * (float(np.prod(dims[1:-1])) if len(dims) > 2 else 1.0)
+
+
+@dataclass
+class GuardOutcome:
+    """Layers (node indices) to keep in float, or None to leave the model unquantized."""
+
+    excluded: frozenset[int] | None
+    report: GuardReport
+
+
+def run_guard(
+    mode: str,
+    build: CandidateBuilder,
+    anchors: Sequence[gs.Node],
+    feeds: Sequence[dict[str, np.ndarray]],
+    tolerance: Tolerance,
+    workdir: Path,
+) -> GuardOutcome:
+    """Accuracy then latency, as `mode` asks ("accuracy", "latency" or "both")."""
+    graph = build.graph
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    report = GuardReport(tolerance=tolerance.to_dict())
+    layers = {index[id(a)]: (a.inputs[0].name, a.outputs[0].name) for a in anchors}
+
+    def describe(k: int) -> dict[str, Any]:
+        return {"node": graph.nodes[k].name, "op": graph.nodes[k].op}
+
+    excluded: frozenset[int] = frozenset()
+    if mode in ("accuracy", "both"):
+        evaluator = Evaluator(graph, feeds, workdir, tolerance)
+        excluded = accuracy_guard(build, evaluator, layers, describe, report)
+        if report.gave_up:
+            return GuardOutcome(None, report)
+    if mode in ("latency", "both") and feeds:
+        macs = {index[id(a)]: layer_macs(a) for a in anchors}
+        faster = latency_guard(build, graph, excluded, macs, dict(feeds[0]), workdir, report)
+        if faster is None:
+            return GuardOutcome(None, report)
+        for k in sorted(faster - excluded):
+            report.kept_float.append(
+                {**describe(k), "macs": macs[k], "reason": "returned to float by the latency guard"}
+            )
+        excluded = faster
+    return GuardOutcome(excluded, report)

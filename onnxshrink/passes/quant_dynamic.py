@@ -1,0 +1,248 @@
+"""``quant.dynamic``: int8 weights, activations quantized at run time (no calibration).
+
+The graph uses only standard ops, in the form onnxruntime fuses:
+``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, w_zp) -> Cast -> Mul(x_s * w_s)
+[-> Add(bias)]`` becomes MatMulIntegerToFloat, and with its DynamicQuantizeLinear
+DynamicQuantizeMatMul. One DynamicQuantizeLinear is shared by every MatMul reading the same
+tensor (Q/K/V projections quantize their input once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.errors import PreconditionError
+from onnxshrink.ir import edit
+from onnxshrink.kernels import quantize as qk
+from onnxshrink.passes import register
+from onnxshrink.passes.base import Context, Pass, PassParams, PassResult
+from onnxshrink.passes.qdq_plan import already_quantized, is_float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DynamicQuantParams(PassParams):
+    """Parameters of ``quant.dynamic``."""
+
+    #: Activations are uint8 with a run-time zero point near 128 for signed inputs, where x86
+    #: u8s8 kernels without VNNI saturate int16 pair sums; uint8 weights (zero point 128) use
+    #: the u8u8 kernels that do not. int8 is faster where that saturation cannot happen.
+    weight_dtype: Literal["uint8", "int8"] = "uint8"
+    per_channel: bool = True
+    #: Clip weight ranges to minimize rounding error instead of using min/max.
+    weight_calibration: Literal["minmax", "mse"] = "minmax"
+
+
+@dataclass
+class _Job:
+    """One MatMul/Gemm to rewrite: its input, weight as [K, N], bias and output scale."""
+
+    node: gs.Node
+    x: gs.Tensor
+    weight: np.ndarray
+    weight_name: str
+    bias: np.ndarray | None
+    alpha: float
+
+
+@register("quant.dynamic")
+class DynamicQuantPass(Pass[DynamicQuantParams]):
+    """Dynamic int8 quantization of MatMul/Gemm weights (DynamicQuantizeMatMul in onnxruntime).
+
+    Ops: MatMul with a constant 2-D right operand, Gemm with a constant B (transA = 0).
+    Weights: symmetric per output column (uint8 with zero point 128 by default, int8 on
+    request); activations: uint8 per tensor, quantized at run time by DynamicQuantizeLinear.
+    Gemm's alpha folds into the weight scale, beta x C becomes the fused bias. Float16 and
+    already-quantized nodes are skipped with a reason. Preconditions: opset >= 11. Numeric
+    effect: int8 weight rounding plus per-batch activation rounding; no calibration data needed.
+    """
+
+    params_type = DynamicQuantParams
+    default_ops = frozenset({"MatMul", "Gemm"})
+
+    def requires(self, graph: gs.Graph, ctx: Context) -> None:
+        """DynamicQuantizeLinear and MatMulInteger need opset 11 (10 for MatMulInteger)."""
+        opset = int(graph.opset or ctx.opset)
+        if opset < 11:
+            raise PreconditionError(f"quant.dynamic needs opset >= 11 (model has {opset})")
+
+    def run(self, graph: gs.Graph, targets: Sequence[gs.Node], ctx: Context) -> PassResult:
+        """Rewrite every eligible MatMul/Gemm into the integer pattern."""
+        result = PassResult()
+        jobs = []
+        for node in targets:
+            got = _job(node)
+            if isinstance(got, str):
+                result.skip(node, got)
+            else:
+                jobs.append(got)
+        if not jobs:
+            return result
+        names = edit.NameScope(graph)
+        quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
+        weights: dict[str, tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams]] = {}
+        new_nodes: list[gs.Node] = []
+        for job in jobs:
+            if job.x.name not in quantized_inputs:
+                quantized_inputs[job.x.name] = _dynamic_quantize(job.x, names, new_nodes)
+            key = f"{job.weight_name}/{job.node.op}/{job.alpha}"
+            if key not in weights:
+                weights[key] = self._weight(job, names)
+            err = _rewrite(job, quantized_inputs[job.x.name], weights[key], names, new_nodes)
+            result.touch(job.node, weight_dtype=self.params.weight_dtype, rel_rms_error=err)
+        graph.nodes.extend(new_nodes)
+        result.stats.update(
+            quantized_matmuls=len(jobs),
+            shared_input_quantizers=len(quantized_inputs),
+            weight_dtype=self.params.weight_dtype,
+        )
+        return result
+
+    def _weight(
+        self, job: _Job, names: edit.NameScope
+    ) -> tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams]:
+        p = self.params
+        axis = 1 if p.per_channel else None
+        choose = qk.mse_weight_qparams if p.weight_calibration == "mse" else qk.weight_qparams
+        qp = choose(job.weight, p.weight_dtype, axis=axis, symmetric=True)
+        qw = qk.quantize(job.weight, qp)
+        scale = np.asarray(qp.scale, np.float32) * np.float32(job.alpha)
+        base = job.weight_name
+        return (
+            gs.Constant(names.fresh(f"{base}_quantized"), qw),
+            gs.Constant(names.fresh(f"{base}_scale"), scale),
+            gs.Constant(names.fresh(f"{base}_zero_point"), np.asarray(qp.zero_point)),
+            qp,
+        )
+
+
+def _job(node: gs.Node) -> _Job | str:
+    """What to rewrite for `node`, or why it is left alone."""
+    if len(node.inputs) < 2:
+        return "expected at least two inputs"
+    x, w = node.inputs[0], node.inputs[1]
+    if isinstance(x, gs.Constant) or not is_float(x):
+        return "input is not a float activation"
+    if already_quantized(x):
+        return "input already carries Q/DQ"
+    if not isinstance(w, gs.Constant):
+        return "no constant weight (activation x activation)"
+    if len(w.shape) != 2:
+        return f"weight has rank {len(w.shape)}, expected 2"
+    values = np.asarray(w.values)
+    if values.dtype not in (np.float32, np.float16):
+        return f"weight dtype {values.dtype} is not float"
+    values = values.astype(np.float32)
+    if node.op == "MatMul":
+        return _Job(node, x, values, w.name, None, 1.0)
+    if int(node.attrs.get("transA", 0)):
+        return "Gemm with transA"
+    weight = values.T if int(node.attrs.get("transB", 0)) else values
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        c = node.inputs[2]
+        if not isinstance(c, gs.Constant) or int(np.prod(c.shape)) not in (1, weight.shape[1]):
+            return "Gemm bias is not a constant per-output vector"
+        bias = np.broadcast_to(np.asarray(c.values, np.float32).reshape(-1), (weight.shape[1],))
+        bias = bias * np.float32(node.attrs.get("beta", 1.0))
+    return _Job(
+        node, x, np.ascontiguousarray(weight), w.name, bias, float(node.attrs.get("alpha", 1.0))
+    )
+
+
+def _is_half(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.dtype(t.dtype) == np.float16
+
+
+def _dynamic_quantize(
+    x: gs.Tensor, names: edit.NameScope, new_nodes: list[gs.Node]
+) -> tuple[gs.Variable, gs.Variable, gs.Variable]:
+    """DynamicQuantizeLinear of `x` (after a Cast to float32 for float16 graphs)."""
+    if _is_half(x):
+        x32 = gs.Variable(names.fresh(f"{x.name}_float"), np.float32, x.shape)
+        new_nodes.append(
+            gs.Node(
+                "Cast",
+                names.fresh(f"{x.name}_Cast"),
+                {"to": onnx.TensorProto.FLOAT},
+                inputs=[x],
+                outputs=[x32],
+            )
+        )
+        x = x32
+    xq = gs.Variable(names.fresh(f"{x.name}_quantized"), np.uint8, x.shape)
+    xs = gs.Variable(names.fresh(f"{x.name}_scale"), np.float32, [])
+    xz = gs.Variable(names.fresh(f"{x.name}_zero_point"), np.uint8, [])
+    new_nodes.append(
+        gs.Node(
+            "DynamicQuantizeLinear",
+            names.fresh(f"{x.name}_DynamicQuantizeLinear"),
+            inputs=[x],
+            outputs=[xq, xs, xz],
+        )
+    )
+    return xq, xs, xz
+
+
+def _rewrite(
+    job: _Job,
+    xq: tuple[gs.Variable, gs.Variable, gs.Variable],
+    w: tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams],
+    names: edit.NameScope,
+    new_nodes: list[gs.Node],
+) -> float:
+    """Replace `job.node` by MatMulInteger -> Cast -> Mul [-> Add]; returns the weight error."""
+    node, base = job.node, job.node.name or job.node.op
+    y = node.outputs[0]
+    if _is_half(y):  # compute in float32, hand float16 back to the rest of the graph
+        y32 = gs.Variable(names.fresh(f"{y.name}_float"), np.float32, y.shape)
+        new_nodes.append(
+            gs.Node(
+                "Cast",
+                names.fresh(f"{y.name}_Cast"),
+                {"to": onnx.TensorProto.FLOAT16},
+                inputs=[y32],
+                outputs=[y],
+            )
+        )
+        y = y32
+    acc = gs.Variable(names.fresh(f"{base}_int32"), np.int32)
+    acc_f = gs.Variable(names.fresh(f"{base}_int32_float"), np.float32)
+    scale = gs.Variable(names.fresh(f"{base}_output_scale"), np.float32)
+    new_nodes += [
+        gs.Node(
+            "MatMulInteger",
+            names.fresh(f"{base}_MatMulInteger"),
+            inputs=[xq[0], w[0], xq[2], w[2]],
+            outputs=[acc],
+        ),
+        gs.Node(
+            "Cast",
+            names.fresh(f"{base}_Cast"),
+            {"to": onnx.TensorProto.FLOAT},
+            inputs=[acc],
+            outputs=[acc_f],
+        ),
+        gs.Node("Mul", names.fresh(f"{base}_scale_Mul"), inputs=[xq[1], w[1]], outputs=[scale]),
+    ]
+    if job.bias is None:
+        mul_out: gs.Variable = y
+    else:
+        mul_out = gs.Variable(names.fresh(f"{base}_unbiased"), np.float32)
+        bias = gs.Constant(names.fresh(f"{base}_bias"), np.ascontiguousarray(job.bias, np.float32))
+        new_nodes.append(
+            gs.Node("Add", names.fresh(f"{base}_bias_Add"), inputs=[mul_out, bias], outputs=[y])
+        )
+    edit.disconnect(node)
+    new_nodes.append(
+        gs.Node("Mul", names.fresh(f"{base}_Mul"), inputs=[acc_f, scale], outputs=[mul_out])
+    )
+    qp = w[3]
+    deq = qk.dequantize(np.asarray(w[0].values), qp)
+    denom = max(float(np.sqrt(np.mean(job.weight**2))), 1e-30)
+    return round(float(np.sqrt(np.mean((deq - job.weight) ** 2))) / denom, 6)

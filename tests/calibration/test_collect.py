@@ -1,0 +1,47 @@
+"""Calibration runs onnxruntime on an instrumented copy in the work dir, one sample at a time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxshrink.calibration import collect
+from onnxshrink.calibration.observers import MinMaxObserver
+from onnxshrink.ir import io
+from tests.conftest import SAMPLES
+
+
+@pytest.mark.ort
+def test_streams_every_sample_into_observers_and_leaves_no_file(tmp_path: Path) -> None:
+    loaded = io.load(SAMPLES / "cnn.onnx")
+    graph = loaded.graph
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    names = [conv.outputs[0].name, "image"]
+    observers = {n: [MinMaxObserver()] for n in names}
+    npz = np.load(SAMPLES / "cnn.npz")
+    feeds = [{"image": npz["image"][i]} for i in range(8)]
+    cwd_before = sorted(os.listdir(Path.cwd()))
+    used = collect.collect(graph, observers, feeds, tmp_path)
+    assert used == 8
+    assert list(tmp_path.iterdir()) == []  # the instrumented copy is removed
+    assert sorted(os.listdir(Path.cwd())) == cwd_before  # nothing written to the CWD
+    assert observers["image"][0].range() == (float(npz["image"].min()), float(npz["image"].max()))
+    lo, hi = observers[conv.outputs[0].name][0].range()
+    assert lo < 0 < hi
+    # the caller's graph is unchanged (outputs restored)
+    assert [t.name for t in graph.outputs] == ["logits"]
+
+
+@pytest.mark.ort
+def test_dynamic_shapes_calibrate_with_varying_lengths(tmp_path: Path) -> None:
+    loaded = io.load(SAMPLES / "transformer.onnx")
+    graph = loaded.graph
+    mm = next(n for n in graph.nodes if n.op == "MatMul")
+    obs = {mm.inputs[0].name: [MinMaxObserver()]}
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 128, (1, n)).astype(np.int64)} for n in (3, 17, 40)]
+    assert collect.collect(graph, obs, feeds, tmp_path) == 3
+    assert obs[mm.inputs[0].name][0].count == 64 * (3 + 17 + 40)

@@ -1,0 +1,57 @@
+"""quant.dynamic: the standard-op pattern that onnxruntime fuses into DynamicQuantizeMatMul."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.passes.quant_support import compress, fused_ops, worst_cosine
+
+CLEANUP = {"pass": "graph.cleanup"}
+
+#: model -> (minimum cosine, fused op types that must appear, op types that must not)
+EXPECT = {
+    "cnn": (0.97, {"DynamicQuantizeMatMul": 1}, {"Gemm", "FusedGemm"}),
+    "mlp": (0.999, {"DynamicQuantizeMatMul": 3}, {"Gemm", "FusedGemm", "MatMulInteger"}),
+    "transformer": (
+        0.999,
+        {"DynamicQuantizeMatMul": 3, "MatMulIntegerToFloat": 3},
+        {"MatMulInteger"},
+    ),
+    "fp16": (0.999, {"DynamicQuantizeMatMul": 2}, {"Gemm", "FusedGemm"}),
+    "control_flow": (0.999999, {"If": 1}, {"DynamicQuantizeLinear"}),
+}
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize("model", sorted(EXPECT))
+def test_sample_models_run_dynamic_int8_kernels(model: str, tmp_path: Path) -> None:
+    min_cos, present, absent = EXPECT[model]
+    out = tmp_path / f"{model}.onnx"
+    report = compress(model, [CLEANUP, {"pass": "quant.dynamic"}], out)
+    assert worst_cosine(report) >= min_cos
+    ops = fused_ops(out)
+    for op, count in present.items():
+        assert ops[op] >= count, (op, dict(ops))
+    assert not absent & set(ops), dict(ops)
+
+
+@pytest.mark.ort
+def test_shared_input_is_quantized_once(tmp_path: Path) -> None:
+    report = compress("transformer", [CLEANUP, {"pass": "quant.dynamic"}], tmp_path / "t.onnx")
+    stats = report.steps[1].stats
+    # q, k and v read the same LayerNorm output: one DynamicQuantizeLinear for the three
+    assert stats["quantized_matmuls"] == 6 and stats["shared_input_quantizers"] == 4
+    reasons = {s["node"]: s["reason"] for s in report.steps[1].skipped}
+    assert "activation x activation" in reasons["attn.qk"]
+
+
+@pytest.mark.ort
+def test_int8_weights_are_an_option(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    report = compress(
+        "mlp", [CLEANUP, {"pass": "quant.dynamic", "params": {"weight_dtype": "int8"}}], out
+    )
+    assert worst_cosine(report) > 0.95
+    assert fused_ops(out)["DynamicQuantizeMatMul"] == 3

@@ -1,0 +1,272 @@
+"""quant.qdq: numerics against the original AND the integer kernels onnxruntime really runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxshrink import runtime
+from onnxshrink.ir import io
+from onnxshrink.passes.base import Context
+from onnxshrink.passes.quant_qdq import QdqQuantParams, QdqQuantPass
+from tests.conftest import SAMPLES
+from tests.graphs import save_graph
+from tests.passes.quant_support import compress, fused_ops, worst_cosine
+
+CLEANUP = {"pass": "graph.cleanup"}
+
+#: model -> (minimum cosine to the original, fused op types that must appear, op types that
+#: must not: float kernels the quantized ops would otherwise run in)
+EXPECT = {
+    "cnn": (
+        0.95,
+        {"QLinearConv": 8, "QGemm": 1, "QLinearConcat": 1, "QLinearGlobalAveragePool": 1},
+        {"Conv", "Gemm", "FusedConv", "FusedGemm"},
+    ),
+    "mlp": (0.998, {"QGemm": 3}, {"Gemm", "FusedGemm", "MatMul"}),
+    "transformer": (0.999, {"MatMulIntegerToFloat": 6}, {"QLinearMatMul"}),
+    "fp16": (0.999, {"QGemm": 2}, {"Gemm", "FusedGemm"}),
+    "control_flow": (0.999999, {"If": 1, "Loop": 1}, {"QuantizeLinear"}),
+}
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize("model", sorted(EXPECT))
+def test_sample_models_run_as_integer_kernels(model: str, tmp_path: Path) -> None:
+    min_cos, present, absent = EXPECT[model]
+    out = tmp_path / f"{model}.onnx"
+    report = compress(model, [CLEANUP, {"pass": "quant.qdq"}], out)
+    assert worst_cosine(report) >= min_cos
+    ops = fused_ops(out)
+    for op, count in present.items():
+        assert ops[op] >= count, (op, dict(ops))
+    assert not absent & set(ops), dict(ops)
+    step = report.steps[1]
+    if model == "control_flow":
+        reasons = {s["node"]: s["reason"] for s in step.skipped}
+        assert "control-flow" in reasons["if"] and "control-flow" in reasons["loop"]
+    else:
+        assert step.stats["calibration_source"] == "samples"
+        assert report.after is not None
+        assert report.after.weight_bytes < report.before.weight_bytes
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibration_method_holds_on_the_transformer(method: str, tmp_path: Path) -> None:
+    report = compress(
+        "transformer",
+        [CLEANUP, {"pass": "quant.qdq", "params": {"calibration": method}}],
+        tmp_path / "t.onnx",
+    )
+    assert worst_cosine(report) >= 0.998
+
+
+def _run(graph: gs.Graph, feeds: list[dict[str, np.ndarray]], **params: object) -> object:
+    ctx = Context(model_path=Path("m.onnx"), opset=int(graph.opset), feeds=feeds)
+    p = QdqQuantPass(QdqQuantParams(**params))
+    targets = [n for n in graph.nodes if p.default_ops is None or n.op in p.default_ops]
+    result = p.run(graph, targets, ctx)
+    graph.cleanup().toposort()
+    return result
+
+
+def _mlp_feeds() -> list[dict[str, np.ndarray]]:
+    npz = np.load(SAMPLES / "mlp.npz")
+    return [{"features": npz["features"][i]} for i in range(8)]
+
+
+def test_idempotent_second_run_changes_nothing() -> None:
+    loaded = io.load(SAMPLES / "mlp.onnx")
+    first = _run(loaded.graph, _mlp_feeds())
+    assert first.modified
+    before = io.to_model(loaded.graph, loaded.info).SerializeToString()
+    second = _run(loaded.graph, _mlp_feeds())
+    assert not second.modified
+    assert all("Q/DQ" in s.reason or "carry" in s.reason for s in second.skipped)
+    assert io.to_model(loaded.graph, loaded.info).SerializeToString() == before
+
+
+def _tied_graph() -> gs.Graph:
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", np.float32, [2, 16])
+    w = gs.Constant("w", rng.standard_normal((16, 16)).astype(np.float32))
+    h = gs.Variable("h", np.float32, [2, 16])
+    r = gs.Variable("r", np.float32, [2, 16])
+    y = gs.Variable("y", np.float32, [2, 16])
+    nodes = [
+        gs.Node("MatMul", "mm1", inputs=[x, w], outputs=[h]),
+        gs.Node("Relu", "relu", inputs=[h], outputs=[r]),
+        gs.Node("MatMul", "mm2", inputs=[r, w], outputs=[y]),
+    ]
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17)
+
+
+@pytest.mark.ort
+def test_tied_weight_gets_one_quantization(tmp_path: Path) -> None:
+    graph = _tied_graph()
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(4)]
+    ref = save_graph(graph.copy(), tmp_path / "ref.onnx")
+    _run(graph, feeds)
+    int8 = [
+        t
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Constant)
+        and t.values.dtype in (np.int8, np.uint8)
+        and len(t.shape) == 2
+    ]
+    assert len(int8) == 1, [t.name for t in int8]  # one quantized weight for both consumers
+    dqs = [n for n in graph.nodes if n.op == "DequantizeLinear" and n.inputs[0] is int8[0]]
+    assert len(dqs) == 2  # one DequantizeLinear per consumer (what the fusions want)
+    assert dqs[0].inputs[1] is dqs[1].inputs[1]  # same scale: one consistent quantization
+    out = save_graph(graph, tmp_path / "q.onnx")
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert fused_ops(out)["MatMulIntegerToFloat"] + fused_ops(out)["QLinearMatMul"] == 2
+    for f in feeds:
+        a = runtime.run(runtime.session(ref), f)[0]
+        b = runtime.run(runtime.session(out), f)[0]
+        cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+        assert cos > 0.999
+
+
+def test_without_samples_calibrates_on_seeded_random_inputs() -> None:
+    loaded = io.load(SAMPLES / "mlp.onnx")
+    result = _run(loaded.graph, [])
+    assert result.stats["calibration_source"].startswith("random")
+
+
+@pytest.mark.ort
+def test_matmul_bias_add_becomes_qgemm_not_an_fp32_gemm(tmp_path: Path) -> None:
+    """The DESIGN.md trap: DQ -> MatMul -> Add(bias) fused into an fp32 Gemm (slower than fp32)."""
+    loaded = io.load(SAMPLES / "mlp.onnx")
+    _run(loaded.graph, _mlp_feeds())
+    add = next(n for n in loaded.graph.nodes if n.name == "fc2.add")
+    bias_dq = next(t for t in add.inputs if t.inputs and t.inputs[0].op == "DequantizeLinear")
+    assert bias_dq.inputs[0].inputs[0].values.dtype == np.int32
+    path = tmp_path / "mlp.onnx"
+    io.save(io.to_model(loaded.graph, loaded.info), path)
+    ops = fused_ops(path)
+    assert ops["QGemm"] == 3 and "FusedGemm" not in ops and "Gemm" not in ops
+
+
+def test_weight_dtype_auto_avoids_u8s8_saturation_on_signed_inputs() -> None:
+    loaded = io.load(SAMPLES / "mlp.onnx")
+    _run(loaded.graph, _mlp_feeds())
+    dtypes = {
+        n.name: n.inputs[0].values.dtype
+        for n in loaded.graph.nodes
+        if n.op == "DequantizeLinear"
+        and isinstance(n.inputs[0], gs.Constant)
+        and n.inputs[0].values.dtype != np.int32
+    }
+    # fc1 reads the signed model input (zero point ~128): uint8 weights; the others read ReLU
+    # outputs (zero point 0): int8 weights, which cannot saturate there
+    assert dtypes["fc1.weight_DequantizeLinear"] == np.uint8
+    assert dtypes["fc3.weight_DequantizeLinear"] == np.int8
+
+
+def test_unknown_param_value_is_rejected() -> None:
+    with pytest.raises(Exception, match="percentile"):
+        QdqQuantParams(percentile=10.0).check()
+
+
+@pytest.mark.ort
+def test_accuracy_guard_returns_the_fewest_sensitive_layers_to_float(tmp_path: Path) -> None:
+    """The cnn's classifier logits cancel 12x, so its head dominates the error: the guard finds
+    it from the graph and the samples, keeps it in float and quantizes everything else."""
+    step = {"pass": "quant.qdq", "params": {"guard": "accuracy"}}
+    out = tmp_path / "cnn.onnx"
+    report = compress("cnn", [CLEANUP, step], out, min_cosine=0.99)
+    guard = report.steps[1].stats["guard"]
+    assert [k["node"] for k in guard["kept_float"]] == ["head.fc"]
+    assert guard["kept_float"][0]["error"] > 0
+    assert report.ok and worst_cosine(report) >= 0.99
+    ops = fused_ops(out)
+    assert ops["QLinearConv"] == 8 and ops["Gemm"] == 1  # the head alone runs in float
+
+
+@pytest.mark.ort
+def test_latency_guard_never_ships_a_slower_model(tmp_path: Path) -> None:
+    """On a tiny MLP every int8 variant is slower than fp32 (DESIGN.md): leave it in float."""
+    step = {"pass": "quant.qdq", "params": {"guard": "latency"}}
+    out = tmp_path / "mlp.onnx"
+    report = compress("mlp", [CLEANUP, step], out)
+    guard = report.steps[1].stats["guard"]
+    assert "slower than float" in guard["gave_up"]
+    assert guard["latency"]["ratio"] > 1.0
+    assert not report.steps[1].touched
+    assert "QuantizeLinear" not in fused_ops(out)
+
+
+def _opset11_graph(softmax_axis: int, rank3: bool) -> gs.Graph:
+    """Conv -> Relu -> Unsqueeze(axes attr) -> ... -> Softmax, written for opset 11."""
+    rng = np.random.default_rng(3)
+    x = gs.Variable("x", np.float32, [1, 3, 8, 8])
+    w = gs.Constant("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    c = gs.Variable("c", np.float32)
+    r = gs.Variable("r", np.float32)
+    u = gs.Variable("u", np.float32)
+    f = gs.Variable("f", np.float32)
+    y = gs.Variable("y", np.float32)
+    nodes = [
+        gs.Node("Conv", "conv", inputs=[x, w], outputs=[c]),
+        gs.Node("Relu", "relu", inputs=[c], outputs=[r]),
+        gs.Node("Unsqueeze", "unsq", {"axes": [0]}, inputs=[r], outputs=[u]),
+        gs.Node("Reshape", "flat", inputs=[u, gs.Constant(
+            "shape", np.array([1, 4, 36] if rank3 else [1, 144], np.int64))], outputs=[f]),
+        gs.Node("Softmax", "sm", {"axis": softmax_axis}, inputs=[f], outputs=[y]),
+    ]
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=11)
+
+
+@pytest.mark.ort
+def test_opset_11_model_is_raised_to_13_safely(tmp_path: Path) -> None:
+    graph = _opset11_graph(softmax_axis=1, rank3=False)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+             for i in range(4)]
+    ref = save_graph(graph.copy(), tmp_path / "ref.onnx", ir_version=7)
+    result = _run(graph, feeds)
+    assert result.stats["opset"] == "11 -> 13"
+    assert result.stats["opset_adapted_nodes"] == ["unsq"]
+    unsq = next(n for n in graph.nodes if n.op == "Unsqueeze")
+    assert "axes" not in unsq.attrs and unsq.inputs[1].values.tolist() == [0]
+    out = save_graph(graph, tmp_path / "q.onnx", ir_version=7)
+    assert fused_ops(out)["QLinearConv"] == 1
+    for f in feeds:
+        a = runtime.run(runtime.session(ref), f)[0]
+        b = runtime.run(runtime.session(out), f)[0]
+        assert float(np.abs(a - b).max()) < 0.05
+
+
+def test_softmax_over_a_non_last_axis_blocks_the_opset_change() -> None:
+    graph = _opset11_graph(softmax_axis=1, rank3=True)  # flattens [4, 36] before opset 13
+    feeds = [{"x": np.zeros((1, 3, 8, 8), np.float32)}]
+    before = [n.op for n in graph.nodes]
+    result = _run(graph, feeds)
+    assert not result.modified and [n.op for n in graph.nodes] == before
+    assert any("non-last axis" in s.reason for s in result.skipped)
+
+
+@pytest.mark.ort
+def test_model_with_external_data(tmp_path: Path) -> None:
+    from onnxshrink import api
+    from onnxshrink.recipe.loader import parse_recipe
+
+    src = tmp_path / "src"
+    src.mkdir()
+    model = onnx.load(str(SAMPLES / "mlp.onnx"))
+    onnx.save(model, str(src / "mlp.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="mlp.weights", size_threshold=0)
+    out = tmp_path / "out" / "mlp.onnx"
+    out.parent.mkdir()
+    recipe = parse_recipe({"step": [CLEANUP, {"pass": "quant.qdq"}],
+                           "validate": {"tolerance": {"min_cosine": 0.998}}})
+    report = api.compress(src / "mlp.onnx", recipe, out, samples=SAMPLES / "mlp.npz")
+    assert report.ok
+    assert report.steps[1].stats["calibration_source"] == "samples"
+    assert fused_ops(out)["QGemm"] == 3
