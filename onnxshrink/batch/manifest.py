@@ -25,7 +25,6 @@ the file, the table and the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from typing import Any
 from onnxshrink.batch import discover
 from onnxshrink.errors import ModelError, RuleError
 from onnxshrink.recipe.schema import Tolerance
+from onnxshrink.recipe.strict import TOLERANCE_KEYS, as_table, check_keys, typed
+from onnxshrink.recipe.strict import tolerance as strict_tolerance
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +45,6 @@ else:  # pragma: no cover
 TOP_KEYS = ("schema", "defaults", "model")
 SETTING_KEYS = ("recipe", "samples", "seed", "timeout", "dims", "tolerance")
 MODEL_KEYS = ("path", *SETTING_KEYS)
-TOLERANCE_KEYS = tuple(f.name for f in dataclasses.fields(Tolerance))
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,13 @@ def load_manifest(path: str | Path) -> Manifest:
 def parse_manifest(data: Mapping[str, Any], source: Path) -> Manifest:
     """Validate a manifest already parsed into a dict."""
     where = str(source)
-    _keys(data, TOP_KEYS, where)
+    check_keys(data, TOP_KEYS, where)
     if data.get("schema", 1) != 1:
         raise RuleError(
             f"{where}: schema {data['schema']!r} is not supported (this version reads 1)"
         )
     defaults = _settings(
-        _table(data.get("defaults", {}), f"{where} [defaults]"),
+        as_table(data.get("defaults", {}), f"{where} [defaults]"),
         f"{where} [defaults]",
         source.parent,
         SETTING_KEYS,
@@ -126,13 +126,13 @@ def parse_manifest(data: Mapping[str, Any], source: Path) -> Manifest:
     entries = []
     for number, raw in enumerate(raw_models, start=1):
         at = f"{where} model {number}"
-        table = _table(raw, at)
+        table = as_table(raw, at)
         if "path" not in table:
             raise RuleError(f"{at}: missing 'path' (a file, folder or glob)")
         entries.append(
             Entry(
                 number,
-                _typed(table["path"], str, f"{at} path"),
+                typed(table["path"], str, f"{at} path"),
                 _settings(table, at, source.parent, MODEL_KEYS),
             )
         )
@@ -167,23 +167,23 @@ def resolve(
 def _settings(
     table: Mapping[str, Any], where: str, base: Path, allowed: tuple[str, ...]
 ) -> Settings:
-    _keys(table, allowed, where)
+    check_keys(table, allowed, where)
     recipe = table.get("recipe")
     if recipe is not None:
-        recipe = _typed(recipe, str, f"{where} recipe")
+        recipe = typed(recipe, str, f"{where} recipe")
         if recipe.endswith(".toml") or "/" in recipe or "\\" in recipe:
             recipe = str(base / recipe)
     samples = table.get("samples")
     if samples is not None:
-        samples = base / _typed(samples, str, f"{where} samples")
+        samples = base / typed(samples, str, f"{where} samples")
         if not samples.exists():
             raise RuleError(f"{where} samples: {samples} not found")
     seed = table.get("seed")
     if seed is not None:
-        seed = _typed(seed, int, f"{where} seed")
+        seed = typed(seed, int, f"{where} seed")
     timeout = table.get("timeout")
     if timeout is not None:
-        timeout = _typed(timeout, float, f"{where} timeout")
+        timeout = typed(timeout, float, f"{where} timeout")
         if timeout <= 0:
             raise RuleError(f"{where} timeout must be > 0 seconds, got {timeout}")
     return Settings(
@@ -199,9 +199,8 @@ def _settings(
 def _dims(raw: Any, where: str) -> dict[str, int] | None:
     if raw is None:
         return None
-    dims = {
-        str(k): _typed(v, int, f"{where} dims.{k}") for k, v in _table(raw, f"{where} dims").items()
-    }
+    raw_dims = as_table(raw, f"{where} dims")
+    dims = {str(k): typed(v, int, f"{where} dims.{k}") for k, v in raw_dims.items()}
     for k, v in dims.items():
         if v < 1:
             raise RuleError(f"{where} dims.{k} must be >= 1, got {v}")
@@ -211,32 +210,7 @@ def _dims(raw: Any, where: str) -> dict[str, int] | None:
 def _tolerance(raw: Any, where: str) -> Tolerance | None:
     if raw is None:
         return None
-    table = _table(raw, f"{where} tolerance")
-    _keys(table, TOLERANCE_KEYS, f"{where} tolerance")
-    if not table:
+    tol = strict_tolerance(raw, where)
+    if tol is None:
         raise RuleError(f"{where} tolerance is empty (valid keys: {', '.join(TOLERANCE_KEYS)})")
-    return Tolerance(**{k: _typed(v, float, f"{where} tolerance.{k}") for k, v in table.items()})
-
-
-def _typed(value: Any, tp: type, where: str) -> Any:
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, tp):
-        raise RuleError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _table(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise RuleError(f"{where} must be a table, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RuleError(
-                f"{where}: unknown key {key!r}{hint} (valid keys: {', '.join(allowed)})"
-            )
+    return tol

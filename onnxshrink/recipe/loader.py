@@ -6,8 +6,6 @@ fails before its first model.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import sys
 import typing
 from collections.abc import Mapping
@@ -23,9 +21,10 @@ from onnxshrink.recipe.schema import (
     Recipe,
     Selector,
     Step,
-    Tolerance,
     ValidationSpec,
 )
+from onnxshrink.recipe.strict import as_table, check_keys, did_you_mean, typed
+from onnxshrink.recipe.strict import tolerance as strict_tolerance
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +37,6 @@ STEP_KEYS = ("pass", "select", "params", "require_match", "override")
 OVERRIDE_KEYS = ("select", "params")
 SELECT_KEYS = ("op_types", "names", "exclude_names", "min_params")
 VALIDATE_KEYS = ("inputs", "samples", "seed", "dims", "tolerance")
-TOLERANCE_KEYS = tuple(f.name for f in dataclasses.fields(Tolerance))
 
 
 def shipped_dir() -> Path:
@@ -65,7 +63,7 @@ def resolve(spec: str | Path) -> Path:
     if candidate.is_file():
         return candidate
     names = shipped_names()
-    raise RuleError(f"unknown recipe {str(spec)!r}{_did_you_mean(str(spec), names)}")
+    raise RuleError(f"unknown recipe {str(spec)!r}{did_you_mean(str(spec), names)}")
 
 
 def load_recipe(spec: str | Path) -> Recipe:
@@ -82,20 +80,20 @@ def load_recipe(spec: str | Path) -> Recipe:
 
 def parse_recipe(data: Mapping[str, Any], *, source: str = "<memory>") -> Recipe:
     """Validate a recipe already parsed into a dict (the TOML layout)."""
-    _keys(data, TOP_KEYS, source)
+    check_keys(data, TOP_KEYS, source)
     schema = data.get("schema", 1)
     if schema != 1:
         raise RuleError(f"{source}: schema {schema!r} is not supported (this version reads 1)")
-    meta = _table(data.get("recipe", {}), f"{source} [recipe]")
-    _keys(meta, RECIPE_KEYS, f"{source} [recipe]")
+    meta = as_table(data.get("recipe", {}), f"{source} [recipe]")
+    check_keys(meta, RECIPE_KEYS, f"{source} [recipe]")
     raw_steps = data.get("step", [])
     if not isinstance(raw_steps, list) or not raw_steps:
         raise RuleError(f"{source}: a recipe needs at least one [[step]] table")
     steps = tuple(_step(raw, i, source) for i, raw in enumerate(raw_steps, start=1))
     return Recipe(
-        name=_typed(meta.get("name", Path(source).stem), str, f"{source} [recipe] name"),
-        description=_typed(meta.get("description", ""), str, f"{source} [recipe] description"),
-        min_opset=_typed(meta.get("min_opset", 1), int, f"{source} [recipe] min_opset"),
+        name=typed(meta.get("name", Path(source).stem), str, f"{source} [recipe] name"),
+        description=typed(meta.get("description", ""), str, f"{source} [recipe] description"),
+        min_opset=typed(meta.get("min_opset", 1), int, f"{source} [recipe] min_opset"),
         steps=steps,
         validate=_validation(data.get("validate", {}), source),
         source=source,
@@ -104,30 +102,30 @@ def parse_recipe(data: Mapping[str, Any], *, source: str = "<memory>") -> Recipe
 
 def _step(raw: Any, index: int, source: str) -> Step:
     where = f"{source} step {index}"
-    raw = _table(raw, where)
-    _keys(raw, STEP_KEYS, where)
+    raw = as_table(raw, where)
+    check_keys(raw, STEP_KEYS, where)
     if "pass" not in raw:
         raise RuleError(f"{where}: missing 'pass' (one of {', '.join(passes.names())})")
-    name = _typed(raw["pass"], str, f"{where} pass")
+    name = typed(raw["pass"], str, f"{where} pass")
     if name not in passes.names():
-        raise RuleError(f"{where}: unknown pass {name!r}{_did_you_mean(name, passes.names())}")
+        raise RuleError(f"{where}: unknown pass {name!r}{did_you_mean(name, passes.names())}")
     where = f"{where} '{name}'"
     cls = passes.get(name)
-    raw_params = dict(_table(raw.get("params", {}), f"{where} params"))
+    raw_params = dict(as_table(raw.get("params", {}), f"{where} params"))
     params = build_params(cls.params_type, raw_params, where)
     overrides = []
     for j, ov in enumerate(raw.get("override", []), start=1):
         ov_where = f"{where} override {j}"
-        ov = _table(ov, ov_where)
-        _keys(ov, OVERRIDE_KEYS, ov_where)
-        ov_params = dict(_table(ov.get("params", {}), f"{ov_where} params"))
+        ov = as_table(ov, ov_where)
+        check_keys(ov, OVERRIDE_KEYS, ov_where)
+        ov_params = dict(as_table(ov.get("params", {}), f"{ov_where} params"))
         build_params(cls.params_type, {**raw_params, **ov_params}, ov_where)
         overrides.append(Override(_selector(ov.get("select", {}), ov_where), ov_params))
     return Step(
         pass_name=name,
         params=params,
         select=_selector(raw.get("select", {}), where),
-        require_match=_typed(raw.get("require_match", False), bool, f"{where} require_match"),
+        require_match=typed(raw.get("require_match", False), bool, f"{where} require_match"),
         overrides=tuple(overrides),
         raw_params=raw_params,
     )
@@ -136,7 +134,7 @@ def _step(raw: Any, index: int, source: str) -> Step:
 def build_params(cls: type[PassParams], raw: Mapping[str, Any], where: str) -> PassParams:
     """Convert a params table into the pass's frozen dataclass, then run its `check`."""
     types = cls.field_types()
-    _keys(raw, tuple(types), f"{where} params")
+    check_keys(raw, tuple(types), f"{where} params")
     values = {k: _coerce(v, types[k], f"{where} params.{k}") for k, v in raw.items()}
     params = cls(**values)
     try:
@@ -167,41 +165,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         _, val_tp = typing.get_args(tp)
-        table = _table(value, where)
+        table = as_table(value, where)
         return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in table.items()}
     if tp is Any:
         return value
-    return _typed(value, tp, where, error=ParamError)
-
-
-def _typed(value: Any, tp: type, where: str, error: type[RuleError] = RuleError) -> Any:
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is not bool and isinstance(value, bool):
-        raise error(f"{where} must be {tp.__name__}, got a boolean {value!r}")
-    if not isinstance(value, tp):
-        raise error(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _table(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise RuleError(f"{where} must be a table, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            hint = _did_you_mean(key, list(allowed))
-            raise RuleError(
-                f"{where}: unknown key {key!r}{hint} (valid keys: {', '.join(allowed)})"
-            )
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return typed(value, tp, where, error=ParamError)
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -215,8 +183,8 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
 def _selector(raw: Any, where: str) -> Selector:
     import re
 
-    raw = _table(raw, f"{where} select")
-    _keys(raw, SELECT_KEYS, f"{where} select")
+    raw = as_table(raw, f"{where} select")
+    check_keys(raw, SELECT_KEYS, f"{where} select")
     names = _str_list(raw.get("names", []), f"{where} select.names")
     excludes = _str_list(raw.get("exclude_names", []), f"{where} select.exclude_names")
     for pattern in names + excludes:
@@ -225,7 +193,7 @@ def _selector(raw: Any, where: str) -> Selector:
         except re.error as e:
             raise RuleError(f"{where} select: bad regex {pattern!r}: {e}") from None
     op_types = raw.get("op_types")
-    min_params = _typed(raw.get("min_params", 0), int, f"{where} select.min_params")
+    min_params = typed(raw.get("min_params", 0), int, f"{where} select.min_params")
     if min_params < 0:
         raise RuleError(f"{where} select.min_params must be >= 0, got {min_params}")
     return Selector(
@@ -238,26 +206,20 @@ def _selector(raw: Any, where: str) -> Selector:
 
 def _validation(raw: Any, source: str) -> ValidationSpec:
     where = f"{source} [validate]"
-    raw = _table(raw, where)
-    _keys(raw, VALIDATE_KEYS, where)
-    tol_raw = _table(raw.get("tolerance", {}), f"{where} tolerance")
-    _keys(tol_raw, TOLERANCE_KEYS, f"{where} tolerance")
-    tolerance = (
-        Tolerance(**{k: _typed(v, float, f"{where} tolerance.{k}") for k, v in tol_raw.items()})
-        if tol_raw
-        else ValidationSpec().tolerance
-    )
+    raw = as_table(raw, where)
+    check_keys(raw, VALIDATE_KEYS, where)
+    tolerance = strict_tolerance(raw.get("tolerance", {}), where) or ValidationSpec().tolerance
     dims = {
-        str(k): _typed(v, int, f"{where} dims.{k}")
-        for k, v in _table(raw.get("dims", {}), f"{where} dims").items()
+        str(k): typed(v, int, f"{where} dims.{k}")
+        for k, v in as_table(raw.get("dims", {}), f"{where} dims").items()
     }
-    samples = _typed(raw.get("samples", ValidationSpec.samples), int, f"{where} samples")
+    samples = typed(raw.get("samples", ValidationSpec.samples), int, f"{where} samples")
     if samples < 1:
         raise RuleError(f"{where} samples must be >= 1, got {samples}")
     return ValidationSpec(
-        inputs=_typed(raw.get("inputs", "random"), str, f"{where} inputs"),
+        inputs=typed(raw.get("inputs", "random"), str, f"{where} inputs"),
         samples=samples,
-        seed=_typed(raw.get("seed", 0), int, f"{where} seed"),
+        seed=typed(raw.get("seed", 0), int, f"{where} seed"),
         dims=dims,
         tolerance=tolerance,
     )
