@@ -76,12 +76,20 @@ def export_minilm(model_zip: Path, onnx_path: Path) -> dict[str, int]:
     with zipfile.ZipFile(model_zip) as zf:
         weights = read_safetensors(zf.read("model.safetensors"))
         vocab = json.loads(zf.read("tokenizer.json"))["model"]["vocab"]
-    w = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()
-         if v.dtype != np.int64}
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()
+               if v.dtype != np.int64}
     layers, heads, hidden = 6, 12, 384
 
     class Bert(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # registered parameters become initializers, as in any real export
+            self.params = nn.ParameterDict(
+                {k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
+                 for k, v in tensors.items()})
+
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            w = {k.replace("__", "."): v for k, v in self.params.items()}
             seq = input_ids.shape[1]
             pos = torch.arange(seq).unsqueeze(0)
             h = (nn.functional.embedding(input_ids, w["embeddings.word_embeddings.weight"])

@@ -26,7 +26,7 @@ from onnxshrink.ir.stats import size_report
 from onnxshrink.passes.base import Context
 from onnxshrink.recipe.loader import load_recipe
 from onnxshrink.recipe.schema import Recipe, Tolerance
-from onnxshrink.report import RunReport
+from onnxshrink.report import RunReport, StepReport
 from onnxshrink.runtime import OptLevel
 from onnxshrink.validate import feeds as feeds_mod
 from onnxshrink.validate.runner import NumericReport, validate_paths
@@ -162,7 +162,8 @@ def compress(
         if validate and feeds is not None:
             t2 = time.perf_counter()
             report.numerics = validate_paths(
-                model_path, candidate, feeds, the_recipe.validate.tolerance, opt=ort_opt
+                model_path, candidate, feeds, the_recipe.validate.tolerance, opt=ort_opt,
+                config=session_config(report.steps),
             )
             timings["validate_s"] = time.perf_counter() - t2
         report.after = size_report(candidate)
@@ -174,6 +175,14 @@ def compress(
     if report_path is not None:
         write_json(report.to_dict(), Path(report_path))
     return report
+
+
+def session_config(steps: list[StepReport]) -> dict[str, str]:
+    """Session options the passes say the output needs (later steps win on a conflict)."""
+    config: dict[str, str] = {}
+    for step in steps:
+        config.update(step.stats.get("session_config", {}))
+    return config
 
 
 def _write(graph: gs.Graph, info: io.ModelInfo, path: Path) -> None:

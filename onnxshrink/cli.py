@@ -472,3 +472,5 @@ def _render_numerics(n: NumericReport) -> None:
                   "ok" if o.ok else escape("; ".join(o.failures)))
     out.print(t)
     out.print(f"tolerance: {n.tolerance}")
+    if n.session_config:
+        out.print(f"compressed model validated with session options {n.session_config}")

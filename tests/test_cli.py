@@ -107,3 +107,15 @@ def test_check_each_step_and_dims(tmp_path: Path) -> None:
 def test_bad_dim_is_a_usage_error() -> None:
     result = runner.invoke(app, ["compress", str(SAMPLES / "cnn.onnx"), "--dim", "seq"])
     assert result.exit_code == 2
+
+
+def test_weight_only_validation_uses_the_pass_session_config(tmp_path: Path) -> None:
+    rep = tmp_path / "r.json"
+    result = _invoke("compress", SAMPLES / "mlp.onnx", "-r", "int4-weights", "-o",
+                     tmp_path / "m.onnx", "--report", rep, "--samples", SAMPLES / "mlp.npz")
+    assert result.exit_code == 0, result.stdout
+    data = json.loads(rep.read_text())
+    step = next(s for s in data["steps"] if s["pass_name"] == "quant.weight_only")
+    assert data["numerics"]["session_config"] == step["stats"]["session_config"]
+    assert any("accuracy_level" in k for k in data["numerics"]["session_config"])
+    assert "validated with session options" in result.stdout

@@ -60,6 +60,7 @@ class PlanOptions:
     matmul_activations: bool = False
     elementwise: bool = False
     propagate: bool = True
+    conv_transpose: bool = False
 
 
 @dataclass
@@ -207,6 +208,14 @@ def conv_handler(node: gs.Node, graph: gs.Graph, opt: PlanOptions) -> NodePlan |
     return plan
 
 
+def convtranspose_handler(node: gs.Node, graph: gs.Graph, opt: PlanOptions) -> NodePlan | str:
+    """ConvTranspose: onnxruntime 1.32's CPU QDQ fusions have no ConvTranspose rule, so Q/DQ
+    around it would only add work to a float kernel; left in float unless asked for."""
+    if not opt.conv_transpose:
+        return "no int8 ConvTranspose kernel is fused by onnxruntime on CPU; left in float"
+    return conv_handler(node, graph, opt)
+
+
 def gemm_handler(node: gs.Node, graph: gs.Graph, opt: PlanOptions) -> NodePlan | str:
     """Gemm: uint8 A, per-channel int8 B, int32 C; output float unless a consumer wants it."""
     if len(node.inputs) < 2:
@@ -293,7 +302,7 @@ def _bias_add(node: gs.Node, graph: gs.Graph, n_out: int) -> tuple[gs.Node, int]
 
 HANDLERS: dict[str, Handler] = {
     "Conv": conv_handler,
-    "ConvTranspose": conv_handler,
+    "ConvTranspose": convtranspose_handler,
     "Gemm": gemm_handler,
     "MatMul": matmul_handler,
 }

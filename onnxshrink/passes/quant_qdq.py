@@ -78,6 +78,8 @@ class QdqQuantParams(PassParams):
     elementwise: bool = False
     #: Carry int8 through Reshape/Transpose/MaxPool/Concat/pooling between quantized ops.
     propagate: bool = True
+    #: Quantize ConvTranspose too (onnxruntime 1.32 runs it in float on CPU either way).
+    conv_transpose: bool = False
     #: Use at most this many calibration samples (0: all).
     max_samples: int = 0
     #: Bins of each streaming histogram (memory per activation: 8 bytes a bin).
@@ -120,18 +122,22 @@ class QdqQuantParams(PassParams):
 class QdqQuantPass(Pass[QdqQuantParams]):
     """Static int8 quantization as QuantizeLinear/DequantizeLinear pairs, calibrated on samples.
 
-    Ops: Conv, ConvTranspose, Gemm, MatMul (constant weight; activation x activation when
-    ``matmul_activations``), and carriers between quantized ops (Reshape, Transpose, Flatten,
-    Squeeze/Unsqueeze, MaxPool, Resize, Slice, Gather, Split, Concat, Global/AveragePool, and
-    Add/Mul when ``elementwise``). Weights: symmetric int8 per output channel; activations:
-    uint8 per tensor; biases: int32 with scale = input scale x weight scale; explicit zero
-    points. MatMul/Gemm outputs stay float unless a quantized consumer wants them, which gives
-    MatMulIntegerToFloat / QGemm. Tensors already carrying Q/DQ are left alone (idempotent);
+    Ops: Conv, Gemm, MatMul (constant weight; activation x activation when
+    ``matmul_activations``), ConvTranspose when ``conv_transpose``, and carriers between
+    quantized ops (Reshape, Transpose, Flatten, Squeeze/Unsqueeze, MaxPool, Resize, Slice,
+    Gather, Split, Concat, Global/AveragePool, and Add/Mul when ``elementwise``). Weights:
+    symmetric per output channel (int8, or uint8 where x86 u8s8 kernels would saturate);
+    activations: uint8 per tensor; biases: int32 with scale = input scale x weight scale;
+    explicit zero points. MatMul/Gemm outputs stay float unless a quantized consumer wants
+    them (MatMulIntegerToFloat / QGemm); a MatMul's bias Add gets an int32 bias so onnxruntime
+    makes QGemm, not an fp32 Gemm. Tensors already carrying Q/DQ are left alone (idempotent);
     If/Loop bodies are skipped with a reason; float16 graphs are quantized with Casts around
     the integer region. Calibration streams samples through fixed-size observers (memory
-    independent of the sample count); with no samples it uses seeded random inputs and says so.
-    Preconditions: opset >= 13 (per-axis QDQ). Numeric effect: int8 rounding of weights and
-    activations, typically cosine > 0.99 on the outputs.
+    independent of the sample count); with no samples it uses seeded random inputs and says
+    so. Optional: SmoothQuant (``smooth``), bias correction, and the guard (``guard``): the
+    fewest layers back to float for the recipe's tolerance, and never slower than float.
+    Preconditions: opset >= 10 (raised to 13 when that keeps the model's meaning). Numeric
+    effect: int8 rounding of weights and activations, typically cosine > 0.99 on outputs.
     """
 
     params_type = QdqQuantParams
@@ -157,6 +163,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
             matmul_activations=p.matmul_activations,
             elementwise=p.elementwise,
             propagate=p.propagate,
+            conv_transpose=p.conv_transpose,
         )
         qplan = make_plan(graph, list(targets), opts)
         for node, reason in qplan.skipped:

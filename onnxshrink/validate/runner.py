@@ -30,6 +30,7 @@ class NumericReport:
     ort_opt: str
     ort_version: str = field(default_factory=runtime.version)
     outputs: list[OutputMetrics] = field(default_factory=list)
+    session_config: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -38,11 +39,16 @@ class NumericReport:
 
 
 def run_model(
-    path: Path, feeds: Feeds, *, opt: runtime.OptLevel = "all", role: str = "original"
+    path: Path,
+    feeds: Feeds,
+    *,
+    opt: runtime.OptLevel = "all",
+    role: str = "original",
+    config: dict[str, str] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
     """Outputs of one model on every sample; errors name the model's role and the sample."""
     try:
-        sess = runtime.session(path, opt=opt)
+        sess = runtime.session(path, opt=opt, config=config)
     except Exception as e:
         msg = ort_message(e)
         if role == "original":
@@ -135,15 +141,20 @@ def validate_paths(
     *,
     opt: runtime.OptLevel = "all",
     reference_outputs: list[list[Any]] | None = None,
+    config: dict[str, str] | None = None,
 ) -> NumericReport:
-    """Compare `candidate` with `original` (or with shipped reference outputs when given)."""
+    """Compare `candidate` with `original` (or with shipped reference outputs when given).
+
+    `config` holds session options the candidate needs to compute what it will compute when
+    deployed (e.g. the MatMulNBits accuracy level a weight-only pass chose); it is reported.
+    """
     if reference_outputs is None:
         names, refs = run_model(original, feeds, opt=opt, role="original")
         reference = str(original)
     else:
         names = _candidate_names(candidate)
         refs, reference = reference_outputs, f"{feeds.source} (reference outputs)"
-    cand_names, cands = run_model(candidate, feeds, opt=opt, role="compressed")
+    cand_names, cands = run_model(candidate, feeds, opt=opt, role="compressed", config=config)
     if cand_names != names:
         raise OnnxShrinkError(f"{candidate}: outputs {cand_names} differ from original {names}")
     report = NumericReport(
@@ -152,6 +163,7 @@ def validate_paths(
         feeds_source=feeds.source,
         tolerance=tolerance.to_dict(),
         ort_opt=opt,
+        session_config=dict(config or {}),
     )
     report.outputs = compare_runs(names, refs, cands, tolerance)
     return report

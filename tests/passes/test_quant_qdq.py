@@ -270,3 +270,15 @@ def test_model_with_external_data(tmp_path: Path) -> None:
     assert report.ok
     assert report.steps[1].stats["calibration_source"] == "samples"
     assert fused_ops(out)["QGemm"] == 3
+
+
+def test_conv_transpose_is_left_float_where_onnxruntime_has_no_int8_kernel() -> None:
+    rng = np.random.default_rng(4)
+    x = gs.Variable("x", np.float32, [1, 4, 8, 8])
+    y = gs.Variable("y", np.float32, [1, 2, 16, 16])
+    w = gs.Constant("w", rng.standard_normal((4, 2, 2, 2)).astype(np.float32))
+    node = gs.Node("ConvTranspose", "up", {"strides": [2, 2]}, inputs=[x, w], outputs=[y])
+    graph = gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=17)
+    result = _run(graph, [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}])
+    assert not result.modified
+    assert "ConvTranspose" in result.skipped[0].reason or "ConvTranspose" in str(result.skipped)
