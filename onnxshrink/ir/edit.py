@@ -26,6 +26,11 @@ def replace_with_constant(tensor: gs.Variable, values: object) -> gs.Constant:
     return const
 
 
+def cast_node(names: NameScope, base: str, x: gs.Tensor, y: gs.Variable, to: int) -> gs.Node:
+    """A Cast of `x` into `y` (element type `to`, an onnx.TensorProto code), freshly named."""
+    return gs.Node("Cast", names.fresh(f"{base}_Cast"), {"to": to}, inputs=[x], outputs=[y])
+
+
 class NameScope:
     """Deterministic unique names (never uuids): ``base``, then ``base_1``, ``base_2``..."""
 

@@ -141,7 +141,7 @@ def _activations(
         src: gs.Tensor = x
         if is_half:
             src = gs.Variable(names.fresh(f"{name}_float"), np.float32, x.shape)
-            new_nodes.append(_cast(names, name, x, src, onnx.TensorProto.FLOAT))
+            new_nodes.append(edit.cast_node(names, name, x, src, onnx.TensorProto.FLOAT))
         nodes, dq_out = _q_dq(names, name, src, scale, zp, qk.container(qp.dtype))
         new_nodes += nodes
         half_out: gs.Variable | None = None
@@ -152,15 +152,12 @@ def _activations(
                     half_out = gs.Variable(
                         names.fresh(f"{name}_dequantized_half"), np.float16, x.shape
                     )
-                    new_nodes.append(_cast(names, name, dq_out, half_out, onnx.TensorProto.FLOAT16))
+                    half = onnx.TensorProto.FLOAT16
+                    new_nodes.append(edit.cast_node(names, name, dq_out, half_out, half))
                 target = half_out
             for i, t in enumerate(node.inputs):
                 if t is x:
                     node.inputs[i] = target
-
-
-def _cast(names: edit.NameScope, base: str, x: gs.Tensor, y: gs.Variable, to: int) -> gs.Node:
-    return gs.Node("Cast", names.fresh(f"{base}_Cast"), {"to": to}, inputs=[x], outputs=[y])
 
 
 def _unify_axis(uses: Sequence[WeightUse]) -> int | None:
@@ -201,16 +198,8 @@ def _weights(
         s_const = const(names, f"{name}_scale", np.asarray(qp.scale, np.float32).reshape(shape))
         z_const = const(names, f"{name}_zero_point", np.asarray(qp.zero_point).reshape(shape))
         for u in group:
-            dq_out = gs.Variable(names.fresh(f"{name}_dequantized"), np.float32, list(w.shape))
-            attrs = {} if axis is None else {"axis": axis}
-            dq = gs.Node(
-                "DequantizeLinear",
-                names.fresh(f"{name}_DequantizeLinear"),
-                attrs,
-                inputs=[q_const, s_const, z_const],
-                outputs=[dq_out],
-            )
-            u.node.inputs[u.index] = dq_out
+            dq = _dequantize(names, name, (q_const, s_const, z_const), axis, list(w.shape))
+            u.node.inputs[u.index] = dq.outputs[0]
             new_nodes.append(dq)
         result[name] = (qp, tensor)
         err = float(
@@ -260,16 +249,9 @@ def _biases(
         q_const = const(names, f"{tensor.name}_quantized", qb)
         s_const = const(names, f"{tensor.name}_scale", np.asarray(bqp.scale, np.float32))
         z_const = const(names, f"{tensor.name}_zero_point", np.zeros(shape, np.int32))
-        dq_out = gs.Variable(names.fresh(f"{tensor.name}_dequantized"), np.float32, [b.size])
-        attrs = {} if bqp.axis is None else {"axis": 0}
-        dq = gs.Node(
-            "DequantizeLinear",
-            names.fresh(f"{tensor.name}_DequantizeLinear"),
-            attrs,
-            inputs=[q_const, s_const, z_const],
-            outputs=[dq_out],
-        )
-        u.node.inputs[u.index] = dq_out
+        axis = None if bqp.axis is None else 0
+        dq = _dequantize(names, tensor.name, (q_const, s_const, z_const), axis, [b.size])
+        u.node.inputs[u.index] = dq.outputs[0]
         if u.beta != 1.0:
             u.node.attrs["beta"] = 1.0
         new_nodes.append(dq)
@@ -307,13 +289,13 @@ def _float16_anchor(node: gs.Node, names: edit.NameScope, new_nodes: list[gs.Nod
                 )
             else:
                 y = gs.Variable(names.fresh(f"{t.name}_float"), np.float32, t.shape)
-                new_nodes.append(_cast(names, t.name, t, y, onnx.TensorProto.FLOAT))
+                new_nodes.append(edit.cast_node(names, t.name, t, y, onnx.TensorProto.FLOAT))
                 node.inputs[i] = y
     for i, y in enumerate(list(node.outputs)):
         if y.dtype is not None and np.dtype(y.dtype) == np.float16:
             y32 = gs.Variable(names.fresh(f"{y.name}_float"), np.float32, y.shape)
             node.outputs[i] = y32
-            new_nodes.append(_cast(names, y.name, y32, y, onnx.TensorProto.FLOAT16))
+            new_nodes.append(edit.cast_node(names, y.name, y32, y, onnx.TensorProto.FLOAT16))
 
 
 #: u8s8 kernels on x86 without VNNI add pairs of uint8 x int8 products in int16: two inputs
@@ -346,3 +328,19 @@ def weight_dtypes(
             risky = zp > SATURATION_SAFE_ZERO_POINT
         out[u.tensor] = "uint8" if risky or out.get(u.tensor) == "uint8" else "int8"
     return out
+
+
+def _dequantize(
+    names: edit.NameScope,
+    base: str,
+    qsz: tuple[gs.Constant, gs.Constant, gs.Constant],
+    axis: int | None,
+    shape: list[int],
+) -> gs.Node:
+    """A float32 DequantizeLinear of (values, scale, zero point); `axis` when per channel."""
+    out = gs.Variable(names.fresh(f"{base}_dequantized"), np.float32, shape)
+    attrs = {} if axis is None else {"axis": axis}
+    return gs.Node(
+        "DequantizeLinear", names.fresh(f"{base}_DequantizeLinear"), attrs,
+        inputs=list(qsz), outputs=[out],
+    )

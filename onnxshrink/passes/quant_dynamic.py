@@ -165,15 +165,7 @@ def _dynamic_quantize(
     """DynamicQuantizeLinear of `x` (after a Cast to float32 for float16 graphs)."""
     if _is_half(x):
         x32 = gs.Variable(names.fresh(f"{x.name}_float"), np.float32, x.shape)
-        new_nodes.append(
-            gs.Node(
-                "Cast",
-                names.fresh(f"{x.name}_Cast"),
-                {"to": onnx.TensorProto.FLOAT},
-                inputs=[x],
-                outputs=[x32],
-            )
-        )
+        new_nodes.append(edit.cast_node(names, x.name, x, x32, onnx.TensorProto.FLOAT))
         x = x32
     xq = gs.Variable(names.fresh(f"{x.name}_quantized"), np.uint8, x.shape)
     xs = gs.Variable(names.fresh(f"{x.name}_scale"), np.float32, [])
@@ -201,15 +193,7 @@ def _rewrite(
     y = node.outputs[0]
     if _is_half(y):  # compute in float32, hand float16 back to the rest of the graph
         y32 = gs.Variable(names.fresh(f"{y.name}_float"), np.float32, y.shape)
-        new_nodes.append(
-            gs.Node(
-                "Cast",
-                names.fresh(f"{y.name}_Cast"),
-                {"to": onnx.TensorProto.FLOAT16},
-                inputs=[y32],
-                outputs=[y],
-            )
-        )
+        new_nodes.append(edit.cast_node(names, y.name, y32, y, onnx.TensorProto.FLOAT16))
         y = y32
     acc = gs.Variable(names.fresh(f"{base}_int32"), np.int32)
     acc_f = gs.Variable(names.fresh(f"{base}_int32_float"), np.float32)
@@ -221,13 +205,7 @@ def _rewrite(
             inputs=[xq[0], w[0], xq[2], w[2]],
             outputs=[acc],
         ),
-        gs.Node(
-            "Cast",
-            names.fresh(f"{base}_Cast"),
-            {"to": onnx.TensorProto.FLOAT},
-            inputs=[acc],
-            outputs=[acc_f],
-        ),
+        edit.cast_node(names, base, acc, acc_f, onnx.TensorProto.FLOAT),
         gs.Node("Mul", names.fresh(f"{base}_scale_Mul"), inputs=[xq[1], w[1]], outputs=[scale]),
     ]
     if job.bias is None:
