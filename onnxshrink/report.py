@@ -22,7 +22,7 @@ class SizeReport:
     weight_bytes: int
     params: int
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
-    gzip_estimated: bool = False  # True above 256 MiB: extrapolated from sampled chunks
+    gzip_estimated: bool = False  # True above 32 MiB: extrapolated from sampled chunks
 
 
 @dataclass

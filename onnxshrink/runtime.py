@@ -30,8 +30,10 @@ def session(
     threads: int = 0,
     optimized_path: str | os.PathLike[str] | None = None,
     config: dict[str, str] | None = None,
+    profile_prefix: str | os.PathLike[str] | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session; `optimized_path` dumps the graph ORT really runs (to check fusions)."""
+    """A CPU session; `optimized_path` dumps the graph ORT really runs (to check fusions),
+    `profile_prefix` turns on per-node profiling (written by ``end_profiling``)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[opt]
     so.log_severity_level = 4  # errors reach the user as exceptions, never as C++ log lines
@@ -39,6 +41,9 @@ def session(
     so.inter_op_num_threads = 1
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     source = model if isinstance(model, bytes) else str(Path(model))

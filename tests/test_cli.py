@@ -65,8 +65,9 @@ def test_validate_detects_a_changed_weight(tmp_path: Path) -> None:
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.1), init.name))
     changed = tmp_path / "changed.onnx"
     onnx.save(model, str(changed))
-    assert _invoke("validate", SAMPLES / "mlp.onnx", same).exit_code == 0
-    result = _invoke("validate", SAMPLES / "mlp.onnx", changed, "--json")
+    # the lossless recipe's tolerance (the default's cosine >= 0.99 accepts a 10% weight change)
+    assert _invoke("validate", SAMPLES / "mlp.onnx", same, "-r", "lossless").exit_code == 0
+    result = _invoke("validate", SAMPLES / "mlp.onnx", changed, "-r", "lossless", "--json")
     assert result.exit_code == 3
     body = json.loads(result.stdout)
     assert body["ok"] is False and body["outputs"][0]["failures"]
@@ -101,7 +102,7 @@ def test_check_each_step_and_dims(tmp_path: Path) -> None:
     result = _invoke("compress", SAMPLES / "transformer.onnx", "-o", out, "--check-each-step",
                      "--dim", "seq=12", "--json")
     assert result.exit_code == 0, result.stdout
-    assert json.loads(result.stdout)["numerics"]["samples"] == 4
+    assert json.loads(result.stdout)["numerics"]["samples"] == 8  # the default recipe's count
 
 
 def test_bad_dim_is_a_usage_error() -> None:

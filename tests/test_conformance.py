@@ -4,7 +4,7 @@ Each model either comes out matching the reference outputs that ship beside it, 
 with one clear `OnnxShrinkError` line. onnxruntime itself does not always reproduce onnx's
 reference outputs, so the original model is run too: the compressed model must be within onnx's
 own tolerance of the reference, at least as close to it as the original, or equal to the
-original within a tight tolerance. A crash, a numerics failure of the (exact) default recipe, a
+original within a tight tolerance. A crash, a numerics failure of the (exact) lossless recipe, a
 refusal that blames our own code, or a silently different output fails the test.
 
 `test_conformance_summary` prints the counts (matched / refused, refusals grouped by reason) and
@@ -152,11 +152,11 @@ def _run(path: Path, samples: list[dict[str, np.ndarray]]) -> list[list[Any]]:
 
 
 def classify(case: Case, workdir: Path) -> Outcome:
-    """Compress one model with the default recipe and judge it against the references."""
+    """Compress one model with the lossless recipe and judge it against the references."""
     data = case.data if case.data is not None else light_data(case, workdir / "data")
     out = workdir / "out.onnx"
     try:
-        report = onnxshrink.compress(case.model, None, out, samples=data)
+        report = onnxshrink.compress(case.model, "lossless", out, samples=data)
     except OnnxShrinkError as e:
         text = str(e)
         if "\n" in text or "Traceback" in text:
@@ -171,7 +171,7 @@ def classify(case: Case, workdir: Path) -> Outcome:
     if not report.ok:
         assert report.numerics is not None
         bad = {o.name: o.failures for o in report.numerics.outputs if not o.ok}
-        return Outcome("failed", f"the exact default recipe broke the tolerance: {bad}")
+        return Outcome("failed", f"the exact lossless recipe broke the tolerance: {bad}")
     if not out.is_file():
         return Outcome("failed", "compress reported success but wrote no output")
     return judge_against_reference(case, data, out)

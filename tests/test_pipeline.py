@@ -60,7 +60,7 @@ def test_reports_are_json_ready(tmp_path: Path) -> None:
 
     from onnxshrink import compress
 
-    report = compress(SAMPLES / "control_flow.onnx", "default", tmp_path / "o.onnx",
+    report = compress(SAMPLES / "control_flow.onnx", "lossless", tmp_path / "o.onnx",
                       samples=SAMPLES / "control_flow.npz")
     text = json.dumps(report.to_dict(), allow_nan=False)
     assert '"pass_name": "graph.cleanup"' in text

@@ -188,7 +188,7 @@ def test_real_model_round_trip(
     np.savez(samples, **feeds)
     out = tmp_path / "out.onnx"
 
-    report = onnxshrink.compress(model_path, None, out, samples=samples)
+    report = onnxshrink.compress(model_path, "lossless", out, samples=samples)
 
     assert report.ok, [(o.name, o.failures) for o in report.numerics.outputs]
     assert model_path.read_bytes() == before

@@ -367,21 +367,58 @@ def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: flo
     return np.clip(s, 1e-4, 1e4)
 
 
-def smoothed_int8_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
+def smoothed_int8_error(
+    x: np.ndarray,
+    weights: list[np.ndarray],
+    s: np.ndarray,
+    refs: list[np.ndarray] | None = None,
+) -> float:
     """Relative output error of int8 ``(x / s) (diag(s) W)`` against float ``x W``, over layers.
 
-    `x` holds sample rows [n, K]; each weight is [K, N]. Activations: uint8 per tensor over the
-    rows' range; weights: int8 symmetric per output column, as quant.qdq writes them.
+    `x` holds sample rows [n, K]; each weight is [K, N]; `refs` are the float products
+    ``x W`` when the caller evaluates several `s` (computed here otherwise). Activations:
+    uint8 per tensor over the rows' range; weights: int8 symmetric per output column, as
+    quant.qdq writes them.
     """
     x = np.asarray(x, np.float32)
     xs = x / s.astype(np.float32)
     sc, zp = choose_qparams(float(xs.min()), float(xs.max()), "uint8")
     xq = fake_quantize(xs, QParams(sc, zp, "uint8"))
     err = ref = 0.0
-    for w in weights:
-        y = x @ w
+    for i, w in enumerate(weights):
+        y = refs[i] if refs is not None else x @ w
         ws = (w * s[:, None]).astype(np.float32)
         wq = fake_quantize(ws, weight_qparams(ws, "int8", axis=1))
         err += float(np.sum((xq @ wq - y) ** 2))
         ref += float(np.sum(y**2))
     return err / ref if ref > 0 else 0.0
+
+
+def scales_as(scale: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+    """`scale` stored in a narrower float type, rounded up so that no value newly clips.
+
+    Rounding a float32 scale down to float16 would shrink the representable range, so the
+    largest weight of a group would saturate; rounding up costs at most one float16 ulp of
+    resolution. Quantize with the returned values (cast back to float32) and the rounding
+    bound ``|x - dequantize(q)| <= scale / 2`` holds for the stored scale. Scales never fall
+    below the type's smallest subnormal, which for float16 tables is exact: a float16 value
+    below ``127 * 2**-24`` is an integer multiple of ``2**-24``.
+    """
+    s = np.asarray(scale, np.float32)
+    r = s.astype(dtype)
+    r = np.where(r.astype(np.float32) < s, np.nextafter(r, dtype(np.inf)), r).astype(dtype)
+    out: np.ndarray = np.maximum(r, np.finfo(dtype).smallest_subnormal).astype(dtype)
+    return out
+
+
+def pack_int4_rows(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first, each row padded to even.
+
+    This is onnxruntime's GatherBlockQuantized layout (uint8 data with ``bits = 4``), where
+    rows stay byte-aligned so that a gathered row is a contiguous slice; :func:`pack_int4`
+    packs a whole tensor flat instead.
+    """
+    a = np.asarray(q).astype(np.uint8) & 0x0F
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), np.uint8)], axis=-1)
+    return np.ascontiguousarray((a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8))

@@ -46,9 +46,10 @@ def names() -> list[str]:
 # Explicit imports fill the registry (no star imports, no plugin scanning).
 from onnxshrink.passes import graph_cleanup as _graph_cleanup  # noqa: E402
 from onnxshrink.passes import quant_dynamic as _quant_dynamic  # noqa: E402
+from onnxshrink.passes import quant_gather as _quant_gather  # noqa: E402
 from onnxshrink.passes import quant_qdq as _quant_qdq  # noqa: E402
 from onnxshrink.passes import quant_smooth as _quant_smooth  # noqa: E402
 from onnxshrink.passes import quant_weight_only as _quant_weight_only  # noqa: E402
 
 __all__ = ["Context", "Pass", "PassParams", "PassResult", "get", "names", "register"]
-del _graph_cleanup, _quant_dynamic, _quant_qdq, _quant_smooth, _quant_weight_only
+del _graph_cleanup, _quant_dynamic, _quant_gather, _quant_qdq, _quant_smooth, _quant_weight_only

@@ -5,12 +5,18 @@
   never flattened. A folded tensor may not be larger than the constants it came from (plus a
   small allowance), so ``ConstantOfShape`` or a Cast of fp16 weights to fp32 never bloats the file,
   and an existing DequantizeLinear on weights is never undone.
+- Decomposed hard-sigmoid/hard-swish (``Add -> Clip -> Mul -> Div``) rewritten into
+  HardSigmoid/HardSwish (`cleanup_activations`), before any folding so their ``Add(x, 3)`` is
+  never mistaken for a bias.
 - BatchNormalization folded into the preceding Conv, ConvTranspose (group 1) or Gemm when the
   linear output feeds only the BN: the graph loses one op per pair and later passes see the real
   weights.
+- Per-channel ``Mul``/``Add`` constants folded into an adjacent Conv/ConvTranspose/Gemm
+  (`cleanup_affine`). BN and affine folding repeat until nothing changes, so chains such as
+  ``ConvTranspose -> Add(c) -> BN`` or ``Conv -> Mul -> Add`` fold completely.
 - Dead nodes are dropped by the pipeline's cleanup after the step.
 
-Numeric effect: float rounding only (BN folding computes in float64 and casts back).
+Numeric effect: float rounding only (folding computes in float64 and casts back).
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.ir import edit, query
 from onnxshrink.ir.evaluate import evaluate
-from onnxshrink.kernels.folding import batchnorm_scale_shift, fold_affine
-from onnxshrink.passes import register
+from onnxshrink.kernels.folding import batchnorm_scale_shift
+from onnxshrink.passes import cleanup_activations, cleanup_affine, register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect
+from onnxshrink.passes.cleanup_affine import label as _label
 
 logger = logging.getLogger(__name__)
 
 #: Ops never folded: random or stateful, control flow, or producing non-tensors.
+# fmt: off
 NOT_FOLDABLE = frozenset(
     {
         "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -41,7 +49,8 @@ NOT_FOLDABLE = frozenset(
         "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
     }
 )
-LINEAR_BEFORE_BN = frozenset({"Conv", "ConvTranspose", "Gemm"})
+# fmt: on
+LINEAR_BEFORE_BN = cleanup_affine.LINEAR
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +59,10 @@ class CleanupParams(PassParams):
 
     fold_constants: bool = True
     fold_batchnorm: bool = True
+    #: Fold per-channel Mul/Add constants into adjacent Conv/ConvTranspose/Gemm weights.
+    fold_affine: bool = True
+    #: Rewrite decomposed hard-sigmoid/hard-swish into HardSigmoid/HardSwish.
+    fuse_activations: bool = True
     #: A folded tensor may exceed the bytes of the constants it came from by at most this much.
     max_growth_bytes: int = 1024
 
@@ -60,10 +73,12 @@ class CleanupParams(PassParams):
 
 @register("graph.cleanup")
 class CleanupGraphPass(Pass[CleanupParams]):
-    """Fold constants (with onnxruntime, size-bounded) and BatchNorm into Conv/Gemm.
+    """Fold constants (with onnxruntime, size-bounded), hard-swish, BatchNorm and affine ops.
 
-    Ops: any default-domain op with constant inputs; BatchNormalization after Conv,
-    ConvTranspose (group 1) or Gemm. Subgraphs of If/Loop/Scan are folded but never flattened.
+    Ops: any default-domain op with constant inputs; Add/Clip/Mul/Div forming hard-sigmoid or
+    hard-swish; BatchNormalization after Conv, ConvTranspose (group 1) or Gemm; Mul/Add by a
+    per-channel constant after those, or before a Conv. Subgraphs of If/Loop/Scan are
+    constant-folded but never flattened; the rewrites run on the main graph.
     Preconditions: none. Numeric effect: float rounding only.
     """
 
@@ -71,19 +86,42 @@ class CleanupGraphPass(Pass[CleanupParams]):
     default_ops = None
 
     def run(self, graph: gs.Graph, targets: Sequence[gs.Node], ctx: Context) -> PassResult:
-        """Fold constants in every (sub)graph, then fold BatchNorms among `targets`."""
+        """Fold constants in every (sub)graph, then rewrite and fold among `targets`."""
         result = PassResult()
         chosen = {id(n) for n in targets}
+        opset = int(graph.opset or ctx.opset)
         if self.params.fold_constants:
             for g in list(query.walk_graphs(graph)):
                 nodes = [n for n in g.nodes if g is not graph or id(n) in chosen]
-                self._fold_constants(g, nodes, int(graph.opset or ctx.opset), result)
-        if self.params.fold_batchnorm:
-            names = edit.NameScope(graph)
-            bns = [n for n in graph.nodes if id(n) in chosen and n.op == "BatchNormalization"]
-            for node in bns:
-                _fold_batchnorm(graph, node, result, names)
+                self._fold_constants(g, nodes, opset, result)
+        names = edit.NameScope(graph)
+        if self.params.fuse_activations:
+            cleanup_activations.fuse(graph, chosen, opset, result, names)
+        if self.params.fold_batchnorm or self.params.fold_affine:
+            self._fold_linear(graph, chosen, result, names)
         return result
+
+    def _fold_linear(
+        self, graph: gs.Graph, chosen: set[int], result: PassResult, names: edit.NameScope
+    ) -> None:
+        """BatchNorm and affine folding, repeated until a round changes nothing.
+
+        One fold can enable another (an Add folded into a ConvTranspose makes the BN after it
+        foldable), so rounds repeat; skips are reported from the last round only, once per node.
+        """
+        while True:
+            round_result = PassResult()
+            if self.params.fold_batchnorm:
+                for node in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+                    if id(node) in chosen and node.outputs:
+                        _fold_batchnorm(graph, node, round_result, names)
+            if self.params.fold_affine:
+                cleanup_affine.fold(graph, chosen, round_result, names)
+            for key, stats in round_result.touched.items():
+                result.touch(key, **stats)
+            if not round_result.touched:
+                result.skipped.extend(round_result.skipped)
+                return
 
     def _fold_constants(
         self, graph: gs.Graph, nodes: Sequence[gs.Node], opset: int, result: PassResult
@@ -105,14 +143,6 @@ class CleanupGraphPass(Pass[CleanupParams]):
         for node in folded:
             result.touch(_label(node), action="folded")
             edit.disconnect(node)
-
-
-def _label(node: gs.Node) -> str:
-    """A report key for a node: exporters often leave Constant nodes unnamed."""
-    if node.name:
-        return str(node.name)
-    out = node.outputs[0].name if node.outputs else ""
-    return f"{node.op}:{out}"
 
 
 def _foldable(nodes: Sequence[gs.Node], allowance: int) -> list[gs.Node]:
@@ -299,15 +329,7 @@ def _fold_batchnorm(
     assert lin is not None
     scale, beta, mean, var = (t.values for t in bn.inputs[1:5])
     s, t = batchnorm_scale_shift(scale, beta, mean, var, float(bn.attrs.get("epsilon", 1e-5)))
-    w_tensor = lin.inputs[1]
-    if lin.op == "Gemm":
-        _fold_into_gemm(lin, s, t, names)
-    else:
-        axis = 0 if lin.op == "Conv" else 1
-        bias = lin.inputs[2].values if len(lin.inputs) > 2 and lin.inputs[2].name else None
-        new_w, new_b = fold_affine(w_tensor.values, bias, s, t, axis)
-        _set_input(lin, 1, new_w, names)
-        _set_input(lin, 2, new_b, names)
+    cleanup_affine.scale_shift_linear(lin, s, t, names)
     z = bn.outputs[0]
     edit.disconnect(bn)
     lin.outputs.clear()
@@ -316,7 +338,7 @@ def _fold_batchnorm(
 
 
 def _bn_blocker(graph: gs.Graph, bn: gs.Node, lin: gs.Node | None) -> str | None:
-    """Why this BatchNormalization cannot be folded, or None."""
+    """Why this BatchNormalization cannot be folded, or None (a shared weight is copied)."""
     if lin is None or lin.op not in LINEAR_BEFORE_BN:
         return "input is not produced by Conv/ConvTranspose/Gemm"
     if any(not isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
@@ -325,48 +347,4 @@ def _bn_blocker(graph: gs.Graph, bn: gs.Node, lin: gs.Node | None) -> str | None
         return "BatchNormalization in training mode or non-spatial"
     if any(t.outputs or query.is_graph_output(graph, t) for t in bn.outputs[1:]):
         return "BatchNormalization statistics outputs are used"
-    y = bn.inputs[0]
-    if len(y.outputs) != 1 or query.is_graph_output(graph, y):
-        return f"{lin.op} output has other consumers"
-    if len(lin.inputs) < 2 or not isinstance(lin.inputs[1], gs.Constant):
-        return f"{lin.op} weight is not constant"
-    if len(lin.inputs) > 2 and lin.inputs[2].name and not isinstance(lin.inputs[2], gs.Constant):
-        return f"{lin.op} bias is not constant"
-    if lin.op == "ConvTranspose" and lin.attrs.get("group", 1) != 1:
-        return "grouped ConvTranspose"
-    if lin.op == "Gemm":
-        c = lin.inputs[2] if len(lin.inputs) > 2 and lin.inputs[2].name else None
-        if c is not None and int(np.prod(c.shape)) not in (1, bn.inputs[1].shape[0]):
-            return "Gemm bias is not per output channel"
-    if np.asarray(lin.inputs[1].values).dtype.kind != "f":
-        return f"{lin.op} weight is not floating point"
-    return None
-
-
-def _fold_into_gemm(gemm: gs.Node, s: np.ndarray, t: np.ndarray, names: edit.NameScope) -> None:
-    w = gemm.inputs[1].values
-    axis = 0 if gemm.attrs.get("transB", 0) else 1
-    beta = float(gemm.attrs.get("beta", 1.0))
-    has_c = len(gemm.inputs) > 2 and gemm.inputs[2].name
-    c = None
-    if has_c:  # alpha still scales A.B, so scaling W by s keeps it exact
-        c = np.broadcast_to(gemm.inputs[2].values.astype(np.float64).reshape(-1), s.shape)
-    new_w, new_c = fold_affine(w, None if c is None else beta * c, s, t, axis)
-    _set_input(gemm, 1, new_w, names)
-    _set_input(gemm, 2, new_c, names)
-    gemm.attrs["beta"] = 1.0
-
-
-def _set_input(node: gs.Node, index: int, values: np.ndarray, names: edit.NameScope) -> None:
-    """Give `node` new constant values at `index`, never mutating a tensor others share."""
-    if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
-        old = node.inputs[index]
-        if len(old.outputs) == 1:
-            old.values = values
-            return
-        name = names.fresh(f"{old.name}_folded")
-    else:
-        name = names.fresh(f"{node.name or node.op}_bias")
-    while len(node.inputs) <= index:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs[index] = gs.Constant(name, values)
+    return cleanup_affine.linear_blocker(graph, lin, bn.inputs[0])

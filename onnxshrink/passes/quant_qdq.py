@@ -62,9 +62,10 @@ class QdqQuantParams(PassParams):
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
     #: int8 weights are fastest, but x86 u8s8 kernels without VNNI add pairs of products in
-    #: int16 and saturate when inputs sit far from 0 in uint8 (any signed activation);
-    #: uint8 weights (zero point 128) never saturate. "auto": int8 where every consumer's input
-    #: has zero point 0 (ReLU-like), uint8 elsewhere.
+    #: int16 and saturate when inputs sit far from 0 in uint8 (any signed activation).
+    #: "auto": int8 where every consumer's input has a zero point near 0 (ReLU-like), 7-bit
+    #: int8 elsewhere (cannot saturate, same kernels); uint8 (zero point 128) never saturates
+    #: either but runs on slower u8u8 kernels.
     weight_dtype: Literal["auto", "int8", "uint8"] = "auto"
     #: Per output channel weight scales (per tensor when False).
     per_channel: bool = True
@@ -126,7 +127,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
     ``matmul_activations``), ConvTranspose when ``conv_transpose``, and carriers between
     quantized ops (Reshape, Transpose, Flatten, Squeeze/Unsqueeze, MaxPool, Resize, Slice,
     Gather, Split, Concat, Global/AveragePool, and Add/Mul when ``elementwise``). Weights:
-    symmetric per output channel (int8, or uint8 where x86 u8s8 kernels would saturate);
+    symmetric per output channel (int8, 7-bit where x86 u8s8 kernels could saturate);
     activations: uint8 per tensor; biases: int32 with scale = input scale x weight scale;
     explicit zero points. MatMul/Gemm outputs stay float unless a quantized consumer wants
     them (MatMulIntegerToFloat / QGemm); a MatMul's bias Add gets an int32 bias so onnxruntime

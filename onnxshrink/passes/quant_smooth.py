@@ -220,9 +220,11 @@ def _choose_alpha(
     weights = [_rows(n).astype(np.float32) for n in group.linears]
     if rows.shape[1] != weights[0].shape[0]:
         return None
-    best, best_err = None, qk.smoothed_int8_error(rows, weights, np.ones(rows.shape[1]))
+    refs = [rows.astype(np.float32) @ w for w in weights]  # float products, shared by the grid
+    best, best_err = None, qk.smoothed_int8_error(rows, weights, np.ones(rows.shape[1]), refs)
     for alpha in p.alpha_grid:
-        err = qk.smoothed_int8_error(rows, weights, _factors(absmax, group.linears, alpha))
+        s = _factors(absmax, group.linears, alpha)
+        err = qk.smoothed_int8_error(rows, weights, s, refs)
         if err < best_err:
             best, best_err = alpha, err
     return best

@@ -22,7 +22,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def options(tree: Path, outdir: Path, **kw: Any) -> BatchOptions:
-    """Batch options over the shared tree, with per-model samples."""
+    """Batch options over the shared tree, with per-model samples and the lossless recipe (fast,
+    exact and reproducible byte for byte; the default's latency guard times the machine)."""
+    kw.setdefault("recipe", "lossless")
     return BatchOptions(outdir=outdir, inputs=(str(tree / "models"),),
                         samples_dir=tree / "samples", **kw)
 

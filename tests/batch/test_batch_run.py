@@ -55,7 +55,8 @@ def test_cli_with_two_jobs_matches_one_job_byte_for_byte(
 ) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["batch", str(tree / "models"), "-o", str(out),
-                                      "-s", str(tree / "samples"), "--jobs", "2"])
+                                      "-s", str(tree / "samples"), "--jobs", "2",
+                                      "-r", "lossless"])
     assert result.exit_code == 1, result.output
     assert "5 passed, 0 missed, 3 failed" in result.output
     assert "fails the ONNX checker" in result.output
@@ -84,7 +85,8 @@ def _outputs(out: Path) -> list[Path]:
 
 def _start(tree: Path, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [*CLI, "batch", str(tree / "models"), "-o", str(out), "-s", str(tree / "samples")],
+        [*CLI, "batch", str(tree / "models"), "-o", str(out), "-s", str(tree / "samples"),
+         "-r", "lossless"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
 
@@ -148,7 +150,7 @@ def test_ctrl_c_writes_the_summary_and_resume_skips_finished_models(
     assert not (out / STAGING).exists()
     _assert_only_complete_outputs(out)
     result = CliRunner().invoke(app, ["batch", str(tree / "models"), "-o", str(out),
-                                      "-s", str(tree / "samples"), "--resume"])
+                                      "-s", str(tree / "samples"), "--resume", "-r", "lossless"])
     assert result.exit_code == 1, result.output
     passed_before = sum(r["status"] == "passed" for r in summary["rows"])
     assert passed_before >= 1 and f"({passed_before} resumed)" in result.output

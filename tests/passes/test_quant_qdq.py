@@ -11,7 +11,12 @@ import pytest
 
 from onnxshrink import runtime
 from onnxshrink.ir import io
+from onnxshrink.kernels import quantize as qk
+from onnxshrink.passes import qdq_probe
 from onnxshrink.passes.base import Context
+from onnxshrink.passes.qdq_guard import CandidateBuilder, layer_gains
+from onnxshrink.passes.qdq_materialise import WeightConfig
+from onnxshrink.passes.qdq_plan import PlanOptions, plan
 from onnxshrink.passes.quant_qdq import QdqQuantParams, QdqQuantPass
 from tests.conftest import SAMPLES
 from tests.graphs import save_graph
@@ -157,17 +162,19 @@ def test_matmul_bias_add_becomes_qgemm_not_an_fp32_gemm(tmp_path: Path) -> None:
 def test_weight_dtype_auto_avoids_u8s8_saturation_on_signed_inputs() -> None:
     loaded = io.load(SAMPLES / "mlp.onnx")
     _run(loaded.graph, _mlp_feeds())
-    dtypes = {
-        n.name: n.inputs[0].values.dtype
+    weights = {
+        n.name: n.inputs[0].values
         for n in loaded.graph.nodes
         if n.op == "DequantizeLinear"
         and isinstance(n.inputs[0], gs.Constant)
         and n.inputs[0].values.dtype != np.int32
     }
-    # fc1 reads the signed model input (zero point ~128): uint8 weights; the others read ReLU
-    # outputs (zero point 0): int8 weights, which cannot saturate there
-    assert dtypes["fc1.weight_DequantizeLinear"] == np.uint8
-    assert dtypes["fc3.weight_DequantizeLinear"] == np.int8
+    assert all(w.dtype == np.int8 for w in weights.values())
+    # fc1 reads the signed model input (zero point ~128): 7-bit weights, so that pairs of
+    # u8 x s8 products fit int16; the others read ReLU outputs (zero point 0): full int8
+    fc1, fc3 = weights["fc1.weight_DequantizeLinear"], weights["fc3.weight_DequantizeLinear"]
+    assert fc1.min() >= -64 and fc1.max() <= 63 and fc1.max() - fc1.min() > 100
+    assert fc3.min() < -64 or fc3.max() > 63
 
 
 def test_unknown_param_value_is_rejected() -> None:
@@ -282,3 +289,41 @@ def test_conv_transpose_is_left_float_where_onnxruntime_has_no_int8_kernel() -> 
     result = _run(graph, [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}])
     assert not result.modified
     assert "ConvTranspose" in result.skipped[0].reason or "ConvTranspose" in str(result.skipped)
+
+
+@pytest.mark.ort
+def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> None:
+    """onnxruntime's profiler names each fused kernel after the node it replaced (NCHWc convs
+    after their output), so every planned layer of the cnn gets a float and an int8 time."""
+    graph = io.load(SAMPLES / "cnn.onnx").graph
+    feed = {"image": np.load(SAMPLES / "cnn.npz")["image"][0]}
+    qparams = {}
+    anchors = [n for n in graph.nodes if n.op in ("Conv", "Gemm")]
+    qplan = plan(graph, anchors, PlanOptions())
+    for name in qplan.activations:  # wide ranges: the probe only times, numerics do not matter
+        qparams[name] = qk.QParams(np.float32(0.05), np.uint8(128), "uint8")
+    build = CandidateBuilder(graph, anchors, PlanOptions(), qparams, {}, WeightConfig(), "auto")
+    layers = {graph.nodes.index(a): a for a in qplan.anchors}
+    t_float = qdq_probe.layer_times(qdq_probe.node_times(graph, feed, tmp_path), layers)
+    quant = build(frozenset())
+    t_quant = qdq_probe.layer_times(qdq_probe.node_times(quant, feed, tmp_path), layers)
+    assert set(t_float) == set(layers) and set(t_quant) == set(layers)
+    assert all(v > 0 for v in [*t_float.values(), *t_quant.values()])
+    gains = layer_gains(build, layers, feed, tmp_path)
+    assert set(gains) == set(layers)
+    assert list(tmp_path.iterdir()) == []  # profiles and probe models are removed
+
+
+@pytest.mark.ort
+def test_guard_report_says_what_int8_saves_per_layer(tmp_path: Path) -> None:
+    """With guard = "both" the ranking is error per millisecond saved, and every layer kept
+    float says how much int8 would have saved on it."""
+    step = {"pass": "quant.qdq", "params": {"guard": "both"}}
+    out = tmp_path / "cnn.onnx"
+    report = compress("cnn", [CLEANUP, step], out, min_cosine=0.99)
+    guard = report.steps[1].stats["guard"]
+    assert guard["probe"]["layers_timed"] == 9
+    assert guard["ranking"].endswith("per ms saved")
+    assert report.ok and worst_cosine(report) >= 0.99
+    for kept in guard["kept_float"]:
+        assert "int8_saves_ms" in kept and kept["reason"].startswith("returned to float")

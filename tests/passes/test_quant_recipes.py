@@ -11,7 +11,7 @@ from tests.conftest import SAMPLE_NAMES, SAMPLES
 
 
 @pytest.mark.ort
-@pytest.mark.parametrize("recipe", ["int8", "int8-dynamic", "int4-weights"])
+@pytest.mark.parametrize("recipe", ["default", "lossless", "int8", "int8-dynamic", "int4-weights"])
 @pytest.mark.parametrize("model", SAMPLE_NAMES)
 def test_recipe_holds_its_tolerance(recipe: str, model: str, tmp_path: Path) -> None:
     out = tmp_path / f"{model}.onnx"
