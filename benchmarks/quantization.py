@@ -229,7 +229,8 @@ def spawn(job: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], float]:
     lines = [ln for ln in out_b.decode().splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = " ".join(err_b.decode().strip().splitlines()[-1:])[:160]
-        oom = "MemoryError" in err_b.decode() or proc.returncode in (-9, -6)
+        err = err_b.decode()
+        oom = ("MemoryError" in err or "alloc" in err.lower() or proc.returncode in (-9, -6))
         return {"error": "out of memory at the 10 GiB cap" if oom else tail}, float("nan")
     result = json.loads(lines[-1])
     return result, result.get("rss_mb", float("nan"))

@@ -18,11 +18,11 @@ from onnxshrink.ir.external import tensor_nbytes
 from onnxshrink.report import SizeReport
 
 #: Above this many bytes, gzip -9 is estimated from evenly spaced chunks (it runs at ~15 MB/s:
-#: 4 s per report side on a 90 MB transformer, minutes for a multi-GB model; the 32-chunk
-#: estimate is within 0.1% on such models); below it every byte is compressed.
+#: 4 s per report side on a 90 MB transformer, minutes for a multi-GB model); below it every
+#: byte is compressed. 64 chunks of 256 KiB: within 0.25% on MiniLM fp32 and int8, 0.8 s.
 GZIP_EXACT_LIMIT = 32 << 20
-GZIP_SAMPLE_CHUNKS = 32
-GZIP_CHUNK = 1 << 20
+GZIP_SAMPLE_CHUNKS = 64
+GZIP_CHUNK = 256 << 10
 
 
 def gzip_size(path: Path) -> tuple[int, bool]:

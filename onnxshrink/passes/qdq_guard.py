@@ -12,12 +12,14 @@ which layers to leave in float, the guard:
 3. probes latency: onnxruntime's profiler times every layer's kernel in the float graph and in
    the fully quantized candidate, so each layer's gain from int8 is measured, not assumed
    (on CPUs without VNNI many small or depthwise convolutions gain nothing);
-4. returns layers to float in order of error per millisecond saved, doubling the count until
-   the tolerance holds, then tries to re-quantize each returned layer (best value first) and
-   keeps it if the tolerance still holds, so the float set is small and cheap;
-5. measures latency of the result against the float graph (interleaved runs, median) and, if the
-   quantized model is slower, drops the layers int8 speeds up least until it is faster, or gives
-   up on quantization for the model altogether ("never ship a model slower than the original").
+4. measures latency against the float graph (interleaved runs, median) and, if the quantized
+   model is slower, drops the layers int8 speeds up least until it is faster, or gives up on
+   quantization for the model altogether ("never ship a model slower than the original") before
+   any accuracy search is paid for;
+5. returns layers to float for accuracy as a knapsack (error per millisecond saved, errors adding
+   in quadrature, the budget searched with real runs), then tries to re-quantize each returned
+   layer (best value first) and keeps it if the tolerance still holds; the latency check runs
+   again on the result.
 
 Every decision is reported with its numbers.
 """
@@ -369,16 +371,18 @@ def latency_guard(
     feed: dict[str, np.ndarray],
     workdir: Path,
     report: GuardReport,
+    max_ratio: float = 1.0,
+    max_tries: int = 4,
 ) -> frozenset[int] | None:
     """Exclusions that make the quantized graph faster than `graph`; None if none does.
 
-    The layers that int8 speeds up least (or slows down) go back to float first."""
+    The layers that int8 speeds up least go back to float first: every layer the probe found
+    slower in int8 at once, then a quarter of the rest at a time."""
     base = latency(graph, [feed], workdir, "latency_float")
     current = excluded
     candidates = sorted((k for k in gains if k not in excluded), key=lambda k: (gains[k], k))
     step = max(1, len(candidates) // 4)
-    tried = 0
-    while True:
+    for tried in range(max_tries + 1):
         quant = latency(build(current), [feed], workdir, "latency_quant")
         q, b, ratio = timed_ratio(quant, base, feed)
         report.latency = {
@@ -387,17 +391,35 @@ def latency_guard(
             "ratio": round(ratio, 3),
             "threads": 1,
         }
-        if ratio <= 1.0:
+        if ratio <= max_ratio:
             return current
         remaining = [k for k in candidates if k not in current]
-        if len(remaining) <= step or tried >= 4:  # at most the lightest quarter goes back
-            report.gave_up = (
-                f"the quantized model was slower than float ({ratio:.2f}x at 1 thread); "
-                "left in float"
-            )
-            return None
-        current = current | frozenset(remaining[:step])
-        tried += 1
+        slower = [k for k in remaining if gains[k] <= 0]
+        drop = slower if tried == 0 and 0 < len(slower) < len(remaining) else remaining[:step]
+        if tried == max_tries or len(drop) >= len(remaining):
+            break
+        current = current | frozenset(drop)
+    report.gave_up = (
+        f"the quantized model was not faster than float ({ratio:.2f}x at 1 thread, "
+        f"{max_ratio:g}x needed); left in float"
+    )
+    return None
+
+
+def _kept_for_latency(
+    report: GuardReport,
+    new: frozenset[int],
+    gains: dict[int, float],
+    describe: Callable[[int], dict[str, Any]],
+) -> None:
+    for k in sorted(new):
+        report.kept_float.append(
+            {
+                **describe(k),
+                "int8_saves_ms": round(gains[k], 4),
+                "reason": "returned to float by the latency guard",
+            }
+        )
 
 
 class CandidateBuilder:
@@ -485,8 +507,12 @@ def run_guard(
     feeds: Sequence[dict[str, np.ndarray]],
     tolerance: Tolerance,
     workdir: Path,
+    max_ratio: float = 1.0,
 ) -> GuardOutcome:
-    """Accuracy then latency, as `mode` asks ("accuracy", "latency" or "both")."""
+    """Latency, accuracy, latency again, as `mode` asks ("accuracy", "latency" or "both").
+
+    Speed is checked first because it is cheap (one build, one timing) and decisive: a model
+    int8 cannot make faster is left in float before any accuracy search is paid for."""
     graph = build.graph
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     report = GuardReport(tolerance=tolerance.to_dict())
@@ -507,22 +533,37 @@ def run_guard(
             "int8_slower": sum(g <= 0 for g in gains.values()),
             "saved_ms": round(sum(gains.values()), 3),
         }
+    feed = dict(feeds[0]) if feeds else {}
+    if timed:  # speed first: when int8 cannot beat float, no accuracy search is paid for
+        first = latency_guard(build, graph, excluded, gains, feed, workdir, report, max_ratio)
+        if first is None:
+            return GuardOutcome(None, report)
+        _kept_for_latency(report, first, gains, describe)
+        excluded = first
     if mode in ("accuracy", "both"):
         evaluator = Evaluator(graph, feeds, workdir, tolerance)
-        excluded = accuracy_guard(build, evaluator, layers, describe, report, gains)
+        rest = {k: v for k, v in layers.items() if k not in excluded}
+        pre = excluded
+
+        def build_rest(more: frozenset[int]) -> gs.Graph:
+            return build(more | pre)
+
+        more = accuracy_guard(build_rest, evaluator, rest, describe, report, gains)
         if report.gave_up:
             return GuardOutcome(None, report)
-    if mode in ("latency", "both") and feeds:
-        faster = latency_guard(build, graph, excluded, gains, dict(feeds[0]), workdir, report)
-        if faster is None:
-            return GuardOutcome(None, report)
-        for k in sorted(faster - excluded):
-            report.kept_float.append(
-                {
-                    **describe(k),
-                    "int8_saves_ms": round(gains[k], 4),
-                    "reason": "returned to float by the latency guard",
-                }
-            )
-        excluded = faster
+        excluded = excluded | more
+        if timed and more:  # layers went back to float: still faster than float?
+            final = latency_guard(build, graph, excluded, gains, feed, workdir, report, max_ratio)
+            if final is None:
+                return GuardOutcome(None, report)
+            # float is not always closer: a layer back in float changes its neighbours' Q/DQ
+            if final != excluded and (broken := evaluator.failures(build(final))):
+                report.gave_up = (
+                    "no layer set is both within the tolerance and faster than float "
+                    f"({'; '.join(broken)}); left in float"
+                )
+                report.final_failures = broken
+                return GuardOutcome(None, report)
+            _kept_for_latency(report, final - excluded, gains, describe)
+            excluded = final
     return GuardOutcome(excluded, report)

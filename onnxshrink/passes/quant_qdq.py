@@ -89,10 +89,14 @@ class QdqQuantParams(PassParams):
     bias_correction: bool = True
     #: Check the result with onnxruntime against the recipe's tolerance ("accuracy": return
     #: the fewest, most error-adding layers to float until it holds) and/or against the float
-    #: model's latency ("latency": never slower than float; drop the lightest layers first).
+    #: model's latency ("latency": never slower than float; layers int8 speeds up least go first).
     guard: Literal["off", "accuracy", "latency", "both"] = "off"
     #: Bound used by the accuracy guard when the run has no recipe tolerance.
     guard_min_cosine: float = 0.999
+    #: The latency guard ships int8 only below this latency ratio to float at one thread: the
+    #: margin keeps timing noise (a few percent on shared machines) from shipping a model
+    #: that is not really faster. 1.0 keeps anything not slower (size over speed).
+    guard_max_latency_ratio: float = 0.95
     #: SmoothQuant the MatMul/Gemm inputs first (see quant.smooth); undone if the guard leaves
     #: the model in float, so that case ships the original graph.
     smooth: bool = False
@@ -110,6 +114,12 @@ class QdqQuantParams(PassParams):
             "guard_min_cosine",
             self.guard_min_cosine,
             "in (0, 1]",
+        )
+        expect(
+            0.1 <= self.guard_max_latency_ratio <= 1.0,
+            "guard_max_latency_ratio",
+            self.guard_max_latency_ratio,
+            "in [0.1, 1]",
         )
         expect(
             64 <= self.histogram_bins <= 1 << 20,
@@ -225,7 +235,9 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         else:
             tol = Tolerance(min_cosine=p.guard_min_cosine)
         with collect.scratch(ctx.workdir) as wd:
-            outcome = run_guard(p.guard, build, qplan.anchors, feeds, tol, wd)
+            outcome = run_guard(
+                p.guard, build, qplan.anchors, feeds, tol, wd, p.guard_max_latency_ratio
+            )
         result.stats["guard"] = outcome.report.to_dict()
         if outcome.excluded is None:
             for node in qplan.anchors:

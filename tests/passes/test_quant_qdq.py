@@ -204,7 +204,7 @@ def test_latency_guard_never_ships_a_slower_model(tmp_path: Path) -> None:
     out = tmp_path / "mlp.onnx"
     report = compress("mlp", [CLEANUP, step], out)
     guard = report.steps[1].stats["guard"]
-    assert "slower than float" in guard["gave_up"]
+    assert "not faster than float" in guard["gave_up"]
     assert guard["latency"]["ratio"] > 1.0
     assert not report.steps[1].touched
     assert "QuantizeLinear" not in fused_ops(out)
@@ -315,15 +315,16 @@ def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> No
 
 
 @pytest.mark.ort
-def test_guard_report_says_what_int8_saves_per_layer(tmp_path: Path) -> None:
-    """With guard = "both" the ranking is error per millisecond saved, and every layer kept
-    float says how much int8 would have saved on it."""
+def test_guard_checks_speed_before_paying_for_the_accuracy_search(tmp_path: Path) -> None:
+    """The sample cnn is far too small for int8 to pay (about 1.6x slower at one thread): with
+    guard = "both" the probe times every layer, the latency guard drops the layers int8 slows
+    down, still finds no faster set and leaves the model in float with no accuracy run."""
     step = {"pass": "quant.qdq", "params": {"guard": "both"}}
     out = tmp_path / "cnn.onnx"
     report = compress("cnn", [CLEANUP, step], out, min_cosine=0.99)
     guard = report.steps[1].stats["guard"]
     assert guard["probe"]["layers_timed"] == 9
-    assert guard["ranking"].endswith("per ms saved")
-    assert report.ok and worst_cosine(report) >= 0.99
-    for kept in guard["kept_float"]:
-        assert "int8_saves_ms" in kept and kept["reason"].startswith("returned to float")
+    assert "not faster than float" in guard["gave_up"]
+    assert guard["evaluations"] == 0 and "ranking" not in guard
+    assert report.ok and not report.steps[1].touched
+    assert "QLinearConv" not in fused_ops(out)
