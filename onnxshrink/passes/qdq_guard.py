@@ -26,9 +26,10 @@ Every decision is reported with its numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,14 +106,19 @@ class Evaluator:
         workdir: Path,
         tolerance: Tolerance,
         early: int = 4,
+        files: ModelFiles | None = None,
     ) -> None:
         self.graph = graph
         self.feeds = list(feeds)
         self.workdir = workdir
         self.tolerance = tolerance
         self.early = early
+        self.files = files or ModelFiles(workdir)
         self.output_names = [t.name for t in graph.outputs]
-        self.reference = self._run(graph, range(len(self.feeds)))
+        with self.files.exported(graph, "guard_ref") as path:
+            sess = runtime.session(path, opt="all")
+        self.reference = [sess.run(self.output_names, f) for f in self.feeds]
+        del sess
         self.hard = list(range(len(self.feeds)))
         self.runs = 0
 
@@ -125,7 +131,8 @@ class Evaluator:
     def failures(self, candidate: gs.Graph) -> list[str]:
         """The tolerance bounds the candidate breaks (fused kernels, as deployed)."""
         self.runs += 1
-        sess = _session(candidate, self.output_names, self.workdir, "guard", opt="all")
+        with self.files.exported(candidate, "guard") as path:
+            sess = runtime.session(path, opt="all")
         got: dict[int, list[Any]] = {}
         bad: list[str] = []
         for batch in (self.hard[: self.early], self.hard[self.early :]):
@@ -332,16 +339,50 @@ def _error_per_gain(share: dict[int, float], gains: dict[int, float]) -> dict[in
     return {k: e / max(gains.get(k, floor), floor) for k, e in share.items()}
 
 
-def latency(
-    path_or_graph: gs.Graph, feeds: Sequence[dict[str, np.ndarray]], workdir: Path, stem: str
-) -> Any:
-    """An onnxruntime session on the exported graph (the caller times it)."""
-    path = collect.instrumented_model(path_or_graph, [], workdir / f"{stem}.onnx")
-    try:
+def latency(graph: gs.Graph, files: ModelFiles, stem: str) -> Any:
+    """A one-thread onnxruntime session on the exported graph (the caller times it)."""
+    with files.exported(graph, stem) as path:
         return runtime.session(path, threads=1)
-    finally:
-        for p in workdir.glob(f"{stem}.*"):
-            p.unlink(missing_ok=True)
+
+
+class ModelFiles:
+    """Exports graphs for onnxruntime, keeping the ones the guard runs again and again.
+
+    Exporting and writing a 90 MB transformer costs about a second; the float graph and the
+    fully quantized candidate are each run by the probe, the latency guard and the accuracy
+    guard, so they are written once per guard run (to its scratch folder) and reused.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.kept: list[tuple[gs.Graph, Path]] = []
+        self.reusable: list[gs.Graph] = []
+
+    def keep(self, graph: gs.Graph) -> gs.Graph:
+        """Mark `graph` as worth keeping on disk once exported."""
+        if not any(g is graph for g in self.reusable):
+            self.reusable.append(graph)
+        return graph
+
+    @contextlib.contextmanager
+    def exported(self, graph: gs.Graph, stem: str) -> Iterator[Path]:
+        """The graph's model file, valid inside the block."""
+        for g, path in self.kept:
+            if g is graph:
+                yield path
+                return
+        if any(g is graph for g in self.reusable):
+            path = self.workdir / f"kept{len(self.kept)}.onnx"
+            collect.instrumented_model(graph, [], path)
+            self.kept.append((graph, path))
+            yield path
+            return
+        path = collect.instrumented_model(graph, [], self.workdir / f"{stem}.onnx")
+        try:
+            yield path
+        finally:
+            for p in self.workdir.glob(f"{stem}.*"):
+                p.unlink(missing_ok=True)
 
 
 def timed_ratio(
@@ -378,12 +419,13 @@ def latency_guard(
 
     The layers that int8 speeds up least go back to float first: every layer the probe found
     slower in int8 at once, then a quarter of the rest at a time."""
-    base = latency(graph, [feed], workdir, "latency_float")
+    files = build.files(workdir)
+    base = latency(graph, files, "latency_float")
     current = excluded
     candidates = sorted((k for k in gains if k not in excluded), key=lambda k: (gains[k], k))
     step = max(1, len(candidates) // 4)
     for tried in range(max_tries + 1):
-        quant = latency(build(current), [feed], workdir, "latency_quant")
+        quant = latency(build(current), files, "latency_quant")
         q, b, ratio = timed_ratio(quant, base, feed)
         report.latency = {
             "float_ms": round(b, 4),
@@ -448,8 +490,19 @@ class CandidateBuilder:
         self.means = {index[k]: v for k, v in means.items() if k in index}
         self.wcfg = wcfg
         self.weight_choice = weight_choice
+        self._full: gs.Graph | None = None
+        self._files: ModelFiles | None = None
+
+    def files(self, workdir: Path) -> ModelFiles:
+        """The guard run's exported models (the float graph and the full candidate kept)."""
+        if self._files is None or self._files.workdir != workdir:
+            self._files = ModelFiles(workdir)
+            self._files.keep(self.graph)
+        return self._files
 
     def __call__(self, excluded: frozenset[int]) -> gs.Graph:
+        if not excluded and self._full is not None:
+            return self._full  # built once: the probe and both guards run it
         copy = self.graph.copy()
         raise_opset(copy, max(13, int(copy.opset or 1)), edit.NameScope(copy))
         targets = [copy.nodes[i] for i in self.target_idx if i not in excluded]
@@ -458,6 +511,10 @@ class CandidateBuilder:
         means = {id(copy.nodes[i]): m for i, m in self.means.items()}
         materialise(copy, plan, self.act_qparams, edit.NameScope(copy), self.wcfg, dtypes, means)
         copy.cleanup(remove_unused_graph_inputs=False).toposort()
+        if not excluded:
+            self._full = copy
+            if self._files is not None:
+                self._files.keep(copy)
         return copy
 
 
@@ -470,10 +527,11 @@ def layer_gains(
     the measured time per multiply-accumulate of the others."""
     if not layers:
         return {}
-    t_float = qdq_probe.layer_times(qdq_probe.node_times(build.graph, feed, workdir), layers)
-    t_quant = qdq_probe.layer_times(
-        qdq_probe.node_times(build(frozenset()), feed, workdir), layers
-    )
+    files = build.files(workdir)
+    with files.exported(build.graph, "probe_float") as path:
+        t_float = qdq_probe.layer_times(qdq_probe.node_times(path, feed, workdir), layers)
+    with files.exported(build(frozenset()), "probe_quant") as path:
+        t_quant = qdq_probe.layer_times(qdq_probe.node_times(path, feed, workdir), layers)
     macs = {k: layer_macs(n) for k, n in layers.items()}
     gains = {k: t_float[k] - t_quant[k] for k in layers if k in t_float and k in t_quant}
     measured_macs = sum(macs[k] for k in gains)
@@ -541,7 +599,7 @@ def run_guard(
         _kept_for_latency(report, first, gains, describe)
         excluded = first
     if mode in ("accuracy", "both"):
-        evaluator = Evaluator(graph, feeds, workdir, tolerance)
+        evaluator = Evaluator(graph, feeds, workdir, tolerance, files=build.files(workdir))
         rest = {k: v for k, v in layers.items() if k not in excluded}
         pre = excluded
 

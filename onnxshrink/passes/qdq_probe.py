@@ -50,26 +50,25 @@ def node_names(model: onnx.ModelProto) -> set[str]:
 
 
 def node_times(
-    graph: gs.Graph,
+    model: Path,
     feed: dict[str, np.ndarray],
     workdir: Path,
     stem: str = "timing",
     runs: int = 12,
 ) -> dict[str, float]:
-    """Median kernel time (ms) of every node onnxruntime runs for `graph`, at one thread.
+    """Median kernel time (ms) of every node onnxruntime runs for `model`, at one thread.
 
     Names are onnxruntime's after fusion: a fused node keeps the name of the node it replaced
     (QLinearConv: ``<conv>_token_<n>``; NCHWc convolutions: ``<output>_nchwc``), which is how
     `layer_times` finds each layer again. The median over `runs` drops the warm-up run.
     """
-    src = collect.instrumented_model(graph, [], workdir / f"{stem}.onnx")
     try:
-        sess = runtime.session(src, threads=1, profile_prefix=workdir / f"{stem}_profile")
+        sess = runtime.session(model, threads=1, profile_prefix=workdir / f"{stem}_profile")
         for _ in range(runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
     finally:
-        for p in workdir.glob(f"{stem}*"):
+        for p in workdir.glob(f"{stem}_profile*"):
             p.unlink(missing_ok=True)
     durations: dict[str, list[float]] = defaultdict(list)
     for e in events:

@@ -304,14 +304,17 @@ def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> No
         qparams[name] = qk.QParams(np.float32(0.05), np.uint8(128), "uint8")
     build = CandidateBuilder(graph, anchors, PlanOptions(), qparams, {}, WeightConfig(), "auto")
     layers = {graph.nodes.index(a): a for a in qplan.anchors}
-    t_float = qdq_probe.layer_times(qdq_probe.node_times(graph, feed, tmp_path), layers)
-    quant = build(frozenset())
-    t_quant = qdq_probe.layer_times(qdq_probe.node_times(quant, feed, tmp_path), layers)
+    files = build.files(tmp_path)
+    with files.exported(graph, "f") as path:
+        t_float = qdq_probe.layer_times(qdq_probe.node_times(path, feed, tmp_path), layers)
+    with files.exported(build(frozenset()), "q") as path:
+        t_quant = qdq_probe.layer_times(qdq_probe.node_times(path, feed, tmp_path), layers)
     assert set(t_float) == set(layers) and set(t_quant) == set(layers)
     assert all(v > 0 for v in [*t_float.values(), *t_quant.values()])
     gains = layer_gains(build, layers, feed, tmp_path)
     assert set(gains) == set(layers)
-    assert list(tmp_path.iterdir()) == []  # profiles and probe models are removed
+    # profiles are removed; the float graph and the full candidate stay for reuse, once each
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept0.onnx", "kept1.onnx"]
 
 
 @pytest.mark.ort
