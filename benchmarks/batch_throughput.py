@@ -1,7 +1,7 @@
 """Batch throughput: models per minute at --jobs 1 and 2, and the overhead per model versus a
 direct `onnxshrink.compress` call, measured in one run on the same 50 small models.
 
-    python benchmarks/batch_throughput.py [--models 50] [--rules default] [--workdir DIR]
+    python benchmarks/batch_throughput.py [--models 50] [--rules lossless] [--workdir DIR]
 
 The models are copies of the five sample models (each copy with its own doc_string, so every
 file is distinct), in a nested tree, with per-model samples found by name. The batch is timed
@@ -77,7 +77,7 @@ def time_batch(models: Path, samples: Path, out: Path, rules: str, jobs: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=50)
-    parser.add_argument("--rules", default="default")
+    parser.add_argument("--rules", default="lossless")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds (interleaved); the best time of each setting is reported")
