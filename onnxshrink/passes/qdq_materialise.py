@@ -303,14 +303,17 @@ SATURATION_SAFE_ZERO_POINT = 32
 def weight_dtypes(
     qplan: QuantPlan, act_qparams: dict[str, qk.QParams], choice: str
 ) -> dict[str, str]:
-    """Weight dtype per weight tensor; "auto" picks 7-bit int8 where int8 risks u8s8 saturation.
+    """Weight dtype per weight tensor; "auto" avoids u8s8 saturation at the lowest cost.
 
     x86 u8s8 kernels without VNNI add pairs of uint8 x int8 products in int16. Inputs whose
     uint8 zero point sits far from 0 (signed activations) make that sum overflow with full-range
-    int8 weights (measured: OCR recognizer character agreement 0.94 -> 0.90). Weights in
-    [-64, 63] ("int7") cannot overflow (2 x 255 x 64 < 32768) and keep the fast u8s8 kernels;
-    uint8 weights would also be exact but run on u8u8 kernels 1.6x slower (measured on the OCR
-    detector's convolutions). A weight shared by several consumers takes the safer choice.
+    int8 weights (measured: OCR recognizer character agreement 0.94 -> 0.90, MiniLM cosine
+    0.9986 -> 0.9977). Two exact ways out, chosen per op from measurements:
+    - Conv: weights in [-64, 63] ("int7") cannot overflow (2 x 255 x 64 < 32768) and keep the
+      symmetric int8 convolution kernels; uint8 weights run 1.6x slower there (OCR detector).
+    - MatMul/Gemm: uint8 weights (zero point 128) never saturate and run as fast as int8 in
+      MatMulIntegerToFloat / QGemm, with a full 8 bits (MiniLM: 0.9986 vs 0.9976 with int7).
+    A weight shared by several consumers takes the safer choice.
     """
     if choice != "auto":
         return {u.tensor: choice for u in qplan.weights}
@@ -325,7 +328,10 @@ def weight_dtypes(
         if act is not None and act_qparams[act].dtype == "uint8":
             zp = int(np.asarray(act_qparams[act].zero_point).reshape(-1)[0])
             risky = zp > SATURATION_SAFE_ZERO_POINT
-        out[u.tensor] = "int7" if risky or out.get(u.tensor) == "int7" else "int8"
+        if out.get(u.tensor) in ("int7", "uint8"):
+            continue  # another consumer already needed the safe form
+        safe = "uint8" if u.node.op in ("MatMul", "Gemm") else "int7"
+        out[u.tensor] = safe if risky else "int8"
     return out
 
 

@@ -63,9 +63,9 @@ class QdqQuantParams(PassParams):
     activation_symmetric: bool = False
     #: int8 weights are fastest, but x86 u8s8 kernels without VNNI add pairs of products in
     #: int16 and saturate when inputs sit far from 0 in uint8 (any signed activation).
-    #: "auto": int8 where every consumer's input has a zero point near 0 (ReLU-like), 7-bit
-    #: int8 elsewhere (cannot saturate, same kernels); uint8 (zero point 128) never saturates
-    #: either but runs on slower u8u8 kernels.
+    #: "auto": int8 where every consumer's input has a zero point near 0 (ReLU-like); elsewhere
+    #: 7-bit int8 for convolutions (cannot saturate, keeps the symmetric conv kernels) and uint8
+    #: (zero point 128) for MatMul/Gemm (never saturates, as fast there, a full 8 bits).
     weight_dtype: Literal["auto", "int8", "uint8"] = "auto"
     #: Per output channel weight scales (per tensor when False).
     per_channel: bool = True
@@ -137,7 +137,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
     ``matmul_activations``), ConvTranspose when ``conv_transpose``, and carriers between
     quantized ops (Reshape, Transpose, Flatten, Squeeze/Unsqueeze, MaxPool, Resize, Slice,
     Gather, Split, Concat, Global/AveragePool, and Add/Mul when ``elementwise``). Weights:
-    symmetric per output channel (int8, 7-bit where x86 u8s8 kernels could saturate);
+    per output channel (int8; 7-bit convs, uint8 MatMul/Gemm where u8s8 could saturate);
     activations: uint8 per tensor; biases: int32 with scale = input scale x weight scale;
     explicit zero points. MatMul/Gemm outputs stay float unless a quantized consumer wants
     them (MatMulIntegerToFloat / QGemm); a MatMul's bias Add gets an int32 bias so onnxruntime
