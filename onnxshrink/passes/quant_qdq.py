@@ -103,6 +103,9 @@ class QdqQuantParams(PassParams):
     smooth_alpha: float = 0.5
     #: Choose alpha per input from int8 error on sampled rows (smooth_alpha then unused).
     smooth_auto_alpha: bool = True
+    #: Also smooth inputs no producer can absorb 1/s into, with an explicit Mul (one more
+    #: elementwise pass over the activation at run time).
+    smooth_insert_mul: bool = True
 
     def check(self) -> None:
         """Ranges of the numeric knobs."""
@@ -191,7 +194,10 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         if p.smooth:
             linears = [t for t in targets if t.op in ("MatMul", "Gemm")]
             sp = SmoothQuantParams(
-                alpha=p.smooth_alpha, auto_alpha=p.smooth_auto_alpha, max_samples=p.max_samples
+                alpha=p.smooth_alpha,
+                auto_alpha=p.smooth_auto_alpha,
+                max_samples=p.max_samples,
+                insert_mul=p.smooth_insert_mul,
             )
             result.stats["smooth"] = smooth(graph, linears, ctx, sp).stats
             qplan = make_plan(graph, list(targets), opts)  # smoothing may insert a Mul
