@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,9 +32,11 @@ def session(
     optimized_path: str | os.PathLike[str] | None = None,
     config: dict[str, str] | None = None,
     profile_prefix: str | os.PathLike[str] | None = None,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """A CPU session; `optimized_path` dumps the graph ORT really runs (to check fusions),
-    `profile_prefix` turns on per-node profiling (written by ``end_profiling``)."""
+    `profile_prefix` turns on per-node profiling (written by ``end_profiling``),
+    `initializers` fill the model's external-data initializers of those names from memory."""
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[opt]
     so.log_severity_level = 4  # errors reach the user as exceptions, never as C++ log lines
@@ -46,6 +49,9 @@ def session(
         so.profile_file_prefix = str(profile_prefix)
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (initializers or {}).values()]
+    if values:  # replaces the model's external-data placeholders before any optimization
+        so.add_external_initializers(list(initializers or {}), values)
     source = model if isinstance(model, bytes) else str(Path(model))
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 

@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxshrink import runtime
 from onnxshrink.calibration.observers import Observer
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.ir import io
+from onnxshrink.ir.external import ExternalValues
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +44,145 @@ def scratch(workdir: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def instrumented_model(graph: gs.Graph, names: Sequence[str], path: Path) -> Path:
+#: Weights at least this big reach onnxruntime as in-memory initializers: serialising them into
+#: every scratch model (calibration, probes, guard candidates) cost about a second per export
+#: of a 90 MB transformer, several times per run. Smaller ones (shapes, scalars) stay inline,
+#: where onnxruntime's shape inference can read them.
+IN_MEMORY_MIN_BYTES = 1024
+_IN_MEMORY_TYPES = frozenset(
+    np.dtype(t)
+    for t in (
+        np.float16,
+        np.float32,
+        np.float64,
+        np.int8,
+        np.uint8,
+        np.int16,
+        np.uint16,
+        np.int32,
+        np.uint32,
+        np.int64,
+        np.uint64,
+        np.bool_,
+    )
+)
+
+_IN_MEMORY_ONNX_TYPES = frozenset(
+    onnx.helper.np_dtype_to_tensor_dtype(t)  # noqa: TID251
+    for t in _IN_MEMORY_TYPES
+)
+
+
+@dataclass
+class ExportedModel:
+    """A scratch model file whose large weights are handed to onnxruntime from memory.
+
+    The file holds every node and small constant; each large weight is an external-data
+    placeholder of the right name, type and shape (pointing at an empty sidecar file), and
+    `initializers` holds its values, which onnxruntime uses instead of reading the file.
+    """
+
+    path: Path
+    initializers: dict[str, np.ndarray] = field(default_factory=dict)
+    rewrite: Callable[[], None] | None = None
+
+    def session(self, **kwargs: Any) -> Any:
+        """An onnxruntime session (runtime.session's options); a runtime that refuses the
+        in-memory weights gets the model rewritten with its weights inside, once."""
+        try:
+            return runtime.session(self.path, initializers=self.initializers, **kwargs)
+        except Exception:
+            if not self.initializers or self.rewrite is None:
+                raise
+        self.rewrite()
+        self.initializers = {}
+        return runtime.session(self.path, **kwargs)
+
+    def remove(self) -> None:
+        """Delete the file and its sidecars."""
+        _remove(self.path)
+
+
+def instrumented_model(graph: gs.Graph, names: Sequence[str], path: Path) -> ExportedModel:
     """Write `graph` with `names` added as outputs to `path` (the graph itself is unchanged)."""
     copy = graph.copy()  # values are shared, not duplicated; the caller's graph stays as is
     tensors = copy.tensors()
     present = {t.name for t in copy.outputs}
     copy.outputs = list(copy.outputs) + [tensors[n] for n in names if n not in present]
     copy.cleanup(remove_unused_graph_inputs=False).toposort()  # drop disconnected nodes
-    with io.quiet_gs():
-        model = gs.export_onnx(copy, do_type_check=False)
-    for entry in model.opset_import:  # gs keeps the imported opset; a pass may have raised it
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = max(entry.version, int(graph.opset or 1))
-    model.ir_version = max(min(model.ir_version, 10), int(graph.ir_version or 0))
-    io.save(model, path)
-    return path
+
+    def write() -> None:
+        with io.quiet_gs():
+            model = gs.export_onnx(copy, do_type_check=False)
+        for entry in model.opset_import:  # gs keeps the imported opset; a pass may raise it
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = max(entry.version, int(graph.opset or 1))
+        model.ir_version = max(min(model.ir_version, 10), int(graph.ir_version or 0))
+        if originals and not restored:  # placeholders only: small, and io.save would inline
+            path.write_bytes(model.SerializeToString())  # (read) the placeholders' data
+            (path.parent / (path.name + ".in-memory")).touch()
+        else:
+            io.save(model, path)
+
+    originals: dict[str, Any] = {}
+    restored: list[bool] = []
+    arrays = _to_placeholders(copy, path.name + ".in-memory", originals)
+    write()
+
+    def rewrite() -> None:
+        for name, t in copy.tensors().items():
+            if name in originals:
+                t._values = originals[name]
+        restored.append(True)
+        write()
+
+    return ExportedModel(path, arrays, rewrite)
+
+
+def _plain_values(t: gs.Constant) -> np.ndarray | None:
+    """The values of `t` when they are stored as written (a plain numpy dtype), else None.
+
+    Lazily loaded weights are read from their proto: `Constant.values` would cache the decoded
+    array in place of the proto (unpacking int4, for one) and change what gets exported."""
+    if isinstance(t._values, LazyValues):
+        proto = t._values.tensor
+        if proto.data_type not in _IN_MEMORY_ONNX_TYPES:
+            return None
+        values: np.ndarray = onnx.numpy_helper.to_array(proto)
+        return values
+    values = np.asarray(t.values)
+    export = getattr(t, "export_dtype", None)
+    if values.dtype not in _IN_MEMORY_TYPES or (export is not None and export != values.dtype):
+        return None
+    return values
+
+
+def _to_placeholders(graph: gs.Graph, location: str, originals: dict[str, Any]) -> dict[str, Any]:
+    """Swap the large weights of `graph` (a copy) for external-data placeholders; their values.
+
+    Weights still read lazily from the input's own data file are left to `io.save`, which
+    streams them (a multi-GB model is never loaded here): such graphs keep the file route."""
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    if any(isinstance(t._values, ExternalValues) for t in constants):
+        return {}
+    arrays: dict[str, np.ndarray] = {}
+    for t in constants:
+        values = _plain_values(t)
+        if values is None or values.nbytes < IN_MEMORY_MIN_BYTES:
+            continue
+        proto = onnx.TensorProto(
+            name=t.name,
+            dims=values.shape,
+            data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),  # noqa: TID251
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
+        for key, value in (("location", location), ("offset", "0"), ("length", str(values.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        originals[t.name] = t._values
+        t._values = LazyValues(proto)
+        arrays[t.name] = np.ascontiguousarray(values)
+    return arrays
 
 
 def observable(graph: gs.Graph, names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -87,10 +215,11 @@ def collect(
     if not feeds or not observers:
         return 0
     outputs, fed = observable(graph, observers)
-    path = instrumented_model(graph, outputs, workdir / f"{stem}.onnx")
+    model = instrumented_model(graph, outputs, workdir / f"{stem}.onnx")
     try:
-        sess = runtime.session(path, opt=opt)
+        sess = model.session(opt=opt)
     except Exception as e:
+        model.remove()
         raise OnnxShrinkError(f"calibration model does not load in onnxruntime: {_short(e)}") from e
     try:
         for i, sample in enumerate(feeds):
@@ -105,7 +234,7 @@ def collect(
             del values
     finally:
         del sess
-        _remove(path)
+        model.remove()
     logger.debug("calibrated %d tensors on %d samples", len(outputs) + len(fed), len(feeds))
     return len(feeds)
 
@@ -138,9 +267,9 @@ def run_outputs(
 ) -> list[list[np.ndarray]]:
     """Values of `names` on every sample (for small probes such as per-layer error checks)."""
     outputs, fed = observable(graph, names)
-    path = instrumented_model(graph, outputs, workdir / f"{stem}.onnx")
+    model = instrumented_model(graph, outputs, workdir / f"{stem}.onnx")
     try:
-        sess = runtime.session(path, opt=opt)
+        sess = model.session(opt=opt)
         results = []
         for sample in feeds:
             got = dict(zip(outputs, sess.run(outputs, dict(sample)))) if outputs else {}
@@ -148,5 +277,5 @@ def run_outputs(
             results.append([np.asarray(got[n]) for n in names if n in got])
         del sess
     finally:
-        _remove(path)
+        model.remove()
     return results

@@ -18,10 +18,10 @@ from onnxshrink.ir.external import tensor_nbytes
 from onnxshrink.report import SizeReport
 
 #: Above this many bytes, gzip -9 is estimated from evenly spaced chunks (it runs at ~15 MB/s:
-#: 4 s per report side on a 90 MB transformer, minutes for a multi-GB model); below it every
-#: byte is compressed. 64 chunks of 256 KiB: within 0.25% on MiniLM fp32 and int8, 0.8 s.
-GZIP_EXACT_LIMIT = 32 << 20
-GZIP_SAMPLE_CHUNKS = 64
+#: 6 s per report side on a 90 MB transformer, minutes for a multi-GB model); below it every
+#: byte is compressed. 24 chunks of 256 KiB: within 1% on MiniLM fp32 and int8, 0.2-0.5 s.
+GZIP_EXACT_LIMIT = 8 << 20
+GZIP_SAMPLE_CHUNKS = 24
 GZIP_CHUNK = 256 << 10
 
 
@@ -36,8 +36,10 @@ def gzip_size(path: Path) -> tuple[int, bool]:
 
 def _gzip_exact(part: Path) -> int:
     counter = _CountingSink()
-    with open(part, "rb") as src, gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9,
-                                                 mtime=0) as dst:
+    with (
+        open(part, "rb") as src,
+        gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9, mtime=0) as dst,
+    ):
         shutil.copyfileobj(src, dst, 1 << 20)
     return counter.count
 
@@ -216,6 +218,7 @@ def _describe_vi(vi: onnx.ValueInfoProto) -> str:
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type"):
         return f"{vi.name} ({vi.type.WhichOneof('value')})"
-    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
-            for d in tt.shape.dim]
+    dims = [
+        d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tt.shape.dim
+    ]
     return f"{vi.name} {dtype_name(tt.elem_type)}[{','.join(dims)}]"

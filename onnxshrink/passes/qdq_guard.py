@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink import runtime
 from onnxshrink.calibration import collect
 from onnxshrink.ir import edit
 from onnxshrink.kernels import quantize as qk
@@ -124,8 +123,8 @@ class Evaluator:
     def _session(self, graph: gs.Graph, stem: str) -> Any:
         """A session with every fusion deployment gets (the float graph and the full candidate
         are exported once and reused)."""
-        with self.files.exported(graph, stem) as path:
-            return runtime.session(path, opt="all")
+        with self.files.exported(graph, stem) as model:
+            return model.session(opt="all")
 
     def failures(self, candidate: gs.Graph) -> list[str]:
         """The tolerance bounds the candidate breaks (fused kernels, as deployed)."""
@@ -149,8 +148,10 @@ class Evaluator:
             if not refs or refs[0].dtype.kind != "f":
                 continue
             cands = [np.asarray(g[j]) for g in got.values()]
-            bad += [f"{name}: {f}" for f in judge(compare_output(name, refs, cands), self.tolerance)
-                    .failures]
+            bad += [
+                f"{name}: {f}"
+                for f in judge(compare_output(name, refs, cands), self.tolerance).failures
+            ]
         return bad
 
     def _reorder(self, got: dict[int, list[Any]]) -> None:
@@ -203,12 +204,11 @@ class Evaluator:
 
 def _session(graph: gs.Graph, names: list[str], workdir: Path, stem: str) -> Any:
     """A session on `graph` exposing `names` as extra outputs."""
-    path = collect.instrumented_model(graph, names, workdir / f"{stem}.onnx")
+    model = collect.instrumented_model(graph, names, workdir / f"{stem}.onnx")
     try:
-        return runtime.session(path, opt="basic")
+        return model.session(opt="basic")
     finally:
-        for p in workdir.glob(f"{stem}.*"):
-            p.unlink(missing_ok=True)
+        model.remove()
 
 
 def _squared_error(ref: Sequence[Any], got: Sequence[Any]) -> tuple[float, float]:
@@ -333,8 +333,8 @@ def _error_per_gain(share: dict[int, float], gains: dict[int, float]) -> dict[in
 
 def latency(graph: gs.Graph, files: ModelFiles, stem: str) -> Any:
     """A one-thread onnxruntime session on the exported graph (the caller times it)."""
-    with files.exported(graph, stem) as path:
-        return runtime.session(path, threads=1)
+    with files.exported(graph, stem) as model:
+        return model.session(threads=1)
 
 
 class ModelFiles:
@@ -347,7 +347,7 @@ class ModelFiles:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.kept: list[tuple[gs.Graph, Path]] = []
+        self.kept: list[tuple[gs.Graph, collect.ExportedModel]] = []
         self.reusable: list[gs.Graph] = []
 
     def keep(self, graph: gs.Graph) -> None:
@@ -356,43 +356,55 @@ class ModelFiles:
             self.reusable.append(graph)
 
     @contextlib.contextmanager
-    def exported(self, graph: gs.Graph, stem: str) -> Iterator[Path]:
-        """The graph's model file, valid inside the block."""
-        for g, path in self.kept:
+    def exported(self, graph: gs.Graph, stem: str) -> Iterator[collect.ExportedModel]:
+        """The graph's exported model, valid inside the block."""
+        for g, model in self.kept:
             if g is graph:
-                yield path
+                yield model
                 return
         if any(g is graph for g in self.reusable):
             path = self.workdir / f"kept{len(self.kept)}.onnx"
-            collect.instrumented_model(graph, [], path)
-            self.kept.append((graph, path))
-            yield path
+            model = collect.instrumented_model(graph, [], path)
+            self.kept.append((graph, model))
+            yield model
             return
-        path = collect.instrumented_model(graph, [], self.workdir / f"{stem}.onnx")
+        model = collect.instrumented_model(graph, [], self.workdir / f"{stem}.onnx")
         try:
-            yield path
+            yield model
         finally:
-            for p in self.workdir.glob(f"{stem}.*"):
-                p.unlink(missing_ok=True)
+            model.remove()
 
 
 def timed_ratio(
-    quant: Any, base: Any, feed: dict[str, np.ndarray], budget_s: float = 1.0, rounds: int = 7
+    quant: Any,
+    base: Any,
+    feed: dict[str, np.ndarray],
+    threshold: float = 1.0,
+    budget_s: float = 1.0,
+    rounds: int = 5,
 ) -> tuple[float, float, float]:
-    """Median latency of two sessions measured in alternation: (quant_ms, base_ms, ratio)."""
+    """Median latency of two sessions measured in alternation: (quant_ms, base_ms, ratio).
+
+    Timing stops after `rounds` pairs once the ratio is far (15%) from `threshold` either way:
+    only a ratio near the threshold needs the whole `budget_s` of repetitions to be decided.
+    """
     for s in (quant, base):
-        for _ in range(3):
-            s.run(None, feed)
+        s.run(None, feed)
     tq: list[float] = []
     tb: list[float] = []
     deadline = time.perf_counter() + budget_s
-    while len(tq) < rounds or (time.perf_counter() < deadline and len(tq) < 200):
+    while True:
         for s, acc in ((quant, tq), (base, tb)):
             t0 = time.perf_counter()
             s.run(None, feed)
             acc.append(time.perf_counter() - t0)
-    q, b = float(np.median(tq)) * 1e3, float(np.median(tb)) * 1e3
-    return q, b, q / b if b > 0 else 1.0
+        q, b = float(np.median(tq)) * 1e3, float(np.median(tb)) * 1e3
+        ratio = q / b if b > 0 else 1.0
+        if len(tq) < rounds:
+            continue
+        decided = not 0.85 * threshold <= ratio <= 1.15 * threshold
+        if decided or time.perf_counter() >= deadline or len(tq) >= 200:
+            return q, b, ratio
 
 
 def latency_guard(
@@ -415,9 +427,13 @@ def latency_guard(
     current = excluded
     candidates = sorted((k for k in gains if k not in excluded), key=lambda k: (gains[k], k))
     step = max(1, len(candidates) // 4)
+    slower = [k for k in candidates if gains[k] <= 0]
+    probed_slower = sum(gains[k] for k in candidates) <= 0 and 0 < len(slower) < len(candidates)
+    if probed_slower:  # the probe already shows int8 as a whole is slower: skip that timing
+        current = current | frozenset(slower)
     for tried in range(max_tries + 1):
         quant = latency(build(current), files, "latency_quant")
-        q, b, ratio = timed_ratio(quant, base, feed)
+        q, b, ratio = timed_ratio(quant, base, feed, max_ratio)
         report.latency = {
             "float_ms": round(b, 4),
             "quantized_ms": round(q, 4),
@@ -428,7 +444,8 @@ def latency_guard(
             return current
         remaining = [k for k in candidates if k not in current]
         slower = [k for k in remaining if gains[k] <= 0]
-        drop = slower if tried == 0 and 0 < len(slower) < len(remaining) else remaining[:step]
+        first = tried == 0 and not probed_slower
+        drop = slower if first and 0 < len(slower) < len(remaining) else remaining[:step]
         if tried == max_tries or len(drop) >= len(remaining):
             break
         current = current | frozenset(drop)
@@ -519,10 +536,10 @@ def layer_gains(
     if not layers:
         return {}
     files = build.files(workdir)
-    with files.exported(build.graph, "probe_float") as path:
-        t_float = qdq_probe.layer_times(qdq_probe.node_times(path, feed, workdir), layers)
-    with files.exported(build(frozenset()), "probe_quant") as path:
-        t_quant = qdq_probe.layer_times(qdq_probe.node_times(path, feed, workdir), layers)
+    with files.exported(build.graph, "probe_float") as model:
+        t_float = qdq_probe.layer_times(qdq_probe.node_times(model, feed, workdir), layers)
+    with files.exported(build(frozenset()), "probe_quant") as model:
+        t_quant = qdq_probe.layer_times(qdq_probe.node_times(model, feed, workdir), layers)
     macs = {k: layer_macs(n) for k, n in layers.items()}
     gains = {k: t_float[k] - t_quant[k] for k in layers if k in t_float and k in t_quant}
     measured_macs = sum(macs[k] for k in gains)
@@ -543,10 +560,44 @@ def layer_macs(node: gs.Node) -> float:
 
 @dataclass
 class GuardOutcome:
-    """Layers (node indices) to keep in float, or None to leave the model unquantized."""
+    """Layers (node indices) to keep in float, or None to leave the model unquantized; `gains`
+    are the probe's milliseconds saved per layer (empty when latency was not probed)."""
 
     excluded: frozenset[int] | None
     report: GuardReport
+    gains: dict[int, float] = field(default_factory=dict)
+
+
+def latency_gate(
+    build: CandidateBuilder,
+    anchors: Sequence[gs.Node],
+    feed: dict[str, np.ndarray],
+    tolerance: Tolerance,
+    workdir: Path,
+    max_ratio: float = 1.0,
+) -> GuardOutcome:
+    """Probe and latency guard alone: which layers int8 must leave in float to beat float.
+
+    Speed does not depend on the calibrated ranges, so this runs on a candidate calibrated
+    on one sample, before the full calibration is paid for (a model int8 cannot make faster
+    is left in float at a fraction of the cost)."""
+    graph = build.graph
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    report = GuardReport(tolerance=tolerance.to_dict())
+    by_index = {index[id(a)]: a for a in anchors}
+    gains = layer_gains(build, by_index, feed, workdir)
+    if gains:
+        report.probe = {
+            "layers_timed": len(gains),
+            "int8_slower": sum(g <= 0 for g in gains.values()),
+            "saved_ms": round(sum(gains.values()), 3),
+        }
+    first = latency_guard(build, graph, frozenset(), gains, feed, workdir, report, max_ratio)
+    if first is not None:
+        _kept_for_latency(
+            report, first, gains, lambda k: {"node": graph.nodes[k].name, "op": graph.nodes[k].op}
+        )
+    return GuardOutcome(first, report, gains)
 
 
 def run_guard(
@@ -557,38 +608,34 @@ def run_guard(
     tolerance: Tolerance,
     workdir: Path,
     max_ratio: float = 1.0,
+    start: GuardOutcome | None = None,
+    recheck_latency: bool = False,
 ) -> GuardOutcome:
     """Latency, accuracy, latency again, as `mode` asks ("accuracy", "latency" or "both").
 
     Speed is checked first because it is cheap (one build, one timing) and decisive: a model
-    int8 cannot make faster is left in float before any accuracy search is paid for."""
+    int8 cannot make faster is left in float before any accuracy search is paid for. `start`
+    is a `latency_gate` outcome already measured (on a quickly calibrated candidate): its
+    exclusions and probe are reused; `recheck_latency` times the final candidate even when
+    the accuracy guard returned no layer to float (the candidate changed since the gate)."""
     graph = build.graph
     index = {id(n): i for i, n in enumerate(graph.nodes)}
-    report = GuardReport(tolerance=tolerance.to_dict())
     layers = {index[id(a)]: (a.inputs[0].name, a.outputs[0].name) for a in anchors}
 
     def describe(k: int) -> dict[str, Any]:
         return {"node": graph.nodes[k].name, "op": graph.nodes[k].op}
 
-    excluded: frozenset[int] = frozenset()
-    by_index = {index[id(a)]: a for a in anchors}
     # the probe times this machine: only the modes that care about latency use it, so that
     # "accuracy" decides from the samples alone (reproducible byte for byte)
     timed = mode in ("latency", "both") and bool(feeds)
-    gains = layer_gains(build, by_index, dict(feeds[0]), workdir) if timed else {}
-    if gains:
-        report.probe = {
-            "layers_timed": len(gains),
-            "int8_slower": sum(g <= 0 for g in gains.values()),
-            "saved_ms": round(sum(gains.values()), 3),
-        }
     feed = dict(feeds[0]) if feeds else {}
-    if timed:  # speed first: when int8 cannot beat float, no accuracy search is paid for
-        first = latency_guard(build, graph, excluded, gains, feed, workdir, report, max_ratio)
-        if first is None:
-            return GuardOutcome(None, report)
-        _kept_for_latency(report, first, gains, describe)
-        excluded = first
+    if start is None and timed:
+        start = latency_gate(build, anchors, feed, tolerance, workdir, max_ratio)
+    report = start.report if start is not None else GuardReport(tolerance=tolerance.to_dict())
+    gains = start.gains if start is not None else {}
+    if start is not None and start.excluded is None:
+        return GuardOutcome(None, report, gains)
+    excluded: frozenset[int] = start.excluded if start is not None else frozenset()
     if mode in ("accuracy", "both"):
         evaluator = Evaluator(graph, feeds, workdir, tolerance, files=build.files(workdir))
         rest = {k: v for k, v in layers.items() if k not in excluded}
@@ -601,7 +648,7 @@ def run_guard(
         if report.gave_up:
             return GuardOutcome(None, report)
         excluded = excluded | more
-        if timed and more:  # layers went back to float: still faster than float?
+        if timed and (more or recheck_latency):  # still faster than float?
             final = latency_guard(build, graph, excluded, gains, feed, workdir, report, max_ratio)
             if final is None:
                 return GuardOutcome(None, report)
@@ -615,4 +662,4 @@ def run_guard(
                 return GuardOutcome(None, report)
             _kept_for_latency(report, final - excluded, gains, describe)
             excluded = final
-    return GuardOutcome(excluded, report)
+    return GuardOutcome(excluded, report, gains)

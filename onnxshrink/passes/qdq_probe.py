@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink import runtime
 from onnxshrink.calibration import collect
 
 #: Keep the optimized dump's weights out of the protobuf (models over 2 GiB).
@@ -32,7 +31,7 @@ def optimized_model(
     dst = workdir / f"{stem}.optimized.onnx"
     settings = {_EXTERNAL: f"{stem}.optimized.data", _EXTERNAL_MIN: "1024", **(config or {})}
     try:
-        runtime.session(src, optimized_path=dst, config=settings)
+        src.session(optimized_path=dst, config=settings)
         return onnx.load_model(str(dst), load_external_data=False)
     finally:
         for p in workdir.glob(f"{stem}.*"):
@@ -50,11 +49,11 @@ def node_names(model: onnx.ModelProto) -> set[str]:
 
 
 def node_times(
-    model: Path,
+    model: collect.ExportedModel,
     feed: dict[str, np.ndarray],
     workdir: Path,
     stem: str = "timing",
-    runs: int = 12,
+    runs: int = 6,
 ) -> dict[str, float]:
     """Median kernel time (ms) of every node onnxruntime runs for `model`, at one thread.
 
@@ -63,7 +62,7 @@ def node_times(
     `layer_times` finds each layer again. The median over `runs` drops the warm-up run.
     """
     try:
-        sess = runtime.session(model, threads=1, profile_prefix=workdir / f"{stem}_profile")
+        sess = model.session(threads=1, profile_prefix=workdir / f"{stem}_profile")
         for _ in range(runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())

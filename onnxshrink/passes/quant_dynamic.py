@@ -17,12 +17,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxshrink.calibration import collect, sources
 from onnxshrink.errors import PreconditionError
 from onnxshrink.ir import edit
 from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult
 from onnxshrink.passes.qdq_plan import already_quantized, is_float
+from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
+from onnxshrink.passes.whole_guard import check_whole
+from onnxshrink.recipe.schema import Tolerance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +40,14 @@ class DynamicQuantParams(PassParams):
     per_channel: bool = True
     #: Clip weight ranges to minimize rounding error instead of using min/max.
     weight_calibration: Literal["minmax", "mse"] = "minmax"
+    #: SmoothQuant the inputs first (quant.smooth with auto alpha; needs samples), inside the
+    #: pass so that a guard rejecting the result restores the unsmoothed graph.
+    smooth: bool = False
+    #: "both": keep the result only if onnxruntime finds it within the recipe's tolerance on
+    #: the samples and faster than the input graph at one thread; otherwise restore it.
+    guard: Literal["off", "both"] = "off"
+    guard_min_cosine: float = 0.999
+    guard_max_latency_ratio: float = 0.95
 
 
 @dataclass
@@ -83,6 +95,47 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
                 jobs.append(got)
         if not jobs:
             return result
+        p = self.params
+        backup = graph.copy() if p.guard != "off" else None
+        if p.smooth:
+            linears = [job.node for job in jobs]
+            sp = SmoothQuantParams(auto_alpha=True)
+            result.stats["smooth"] = smooth(graph, linears, ctx, sp).stats
+            jobs = [j for j in (_job(job.node) for job in jobs) if not isinstance(j, str)]
+        self._rewrite_all(graph, jobs, result)
+        if backup is not None:
+            self._guard(graph, backup, targets, ctx, result)
+        return result
+
+    def _guard(
+        self,
+        graph: gs.Graph,
+        backup: gs.Graph,
+        targets: Sequence[gs.Node],
+        ctx: Context,
+        result: PassResult,
+    ) -> None:
+        """Restore `backup` unless the rewritten graph is within tolerance and faster."""
+        p = self.params
+        feeds, _ = sources.calibration_feeds(backup, ctx.feeds, ctx.rng, 0)
+        tol = Tolerance(**ctx.tolerance) if ctx.tolerance else Tolerance(
+            min_cosine=p.guard_min_cosine
+        )
+        with collect.scratch(ctx.workdir) as wd:
+            verdict = check_whole(backup, graph, feeds, tol, wd, p.guard_max_latency_ratio)
+        result.stats["guard"] = verdict.stats
+        if verdict.rejected is None:
+            return
+        graph.nodes = backup.nodes
+        graph.inputs = backup.inputs
+        graph.outputs = backup.outputs
+        result.touched.clear()
+        result.stats = {"guard": {**verdict.stats, "gave_up": verdict.rejected}}
+        for node in targets:
+            result.skip(node, f"left in float by the guard: {verdict.rejected}")
+
+    def _rewrite_all(self, graph: gs.Graph, jobs: list[_Job], result: PassResult) -> None:
+        """Rewrite the jobs, sharing input quantizers and weights."""
         names = edit.NameScope(graph)
         quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
         weights: dict[str, tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams]] = {}
@@ -101,7 +154,6 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
             shared_input_quantizers=len(quantized_inputs),
             weight_dtype=self.params.weight_dtype,
         )
-        return result
 
     def _weight(
         self, job: _Job, names: edit.NameScope

@@ -28,7 +28,7 @@ from onnxshrink.ir import edit
 from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect
-from onnxshrink.passes.qdq_guard import CandidateBuilder, run_guard
+from onnxshrink.passes.qdq_guard import CandidateBuilder, GuardOutcome, latency_gate, run_guard
 from onnxshrink.passes.qdq_materialise import WeightConfig, materialise, weight_dtypes
 from onnxshrink.passes.qdq_opset import blocker, raise_opset, softmax_inputs
 from onnxshrink.passes.qdq_plan import (
@@ -201,25 +201,61 @@ class QdqQuantPass(Pass[QdqQuantParams]):
             )
             result.stats["smooth"] = smooth(graph, linears, ctx, sp).stats
             qplan = make_plan(graph, list(targets), opts)  # smoothing may insert a Mul
-        act_qparams, means = self._calibrate(graph, qplan, feeds, ctx)
         wcfg = WeightConfig("int8", True, p.reduce_range, p.weight_calibration)
+        gate: GuardOutcome | None = None
+        gate_dtypes: dict[str, str] = {}
+        if p.guard in ("latency", "both") and feeds:
+            # speed first, on one sample's ranges (speed does not depend on them): a model int8
+            # cannot make faster is left in float before the full calibration is paid for
+            quick, quick_means = self._calibrate(graph, qplan, feeds[:1], ctx)
+            gate_dtypes = weight_dtypes(qplan, quick, p.weight_dtype)
+            build = CandidateBuilder(graph, targets, opts, quick, quick_means, wcfg, p.weight_dtype)
+            with collect.scratch(ctx.workdir) as wd:
+                gate = latency_gate(
+                    build,
+                    qplan.anchors,
+                    dict(feeds[0]),
+                    self._tolerance(ctx),
+                    wd,
+                    p.guard_max_latency_ratio,
+                )
+            if gate.excluded is None:
+                self._record(graph, targets, qplan, opts, gate, result)
+                _restore(graph, backup, result)
+                return result
+        act_qparams, means = self._calibrate(graph, qplan, feeds, ctx)
         result.stats.update(
             calibration=p.calibration, calibration_samples=len(feeds), calibration_source=source
         )
         if p.guard != "off":
+            # the gate timed the quick candidate: time the final one too if its weight formats
+            # (chosen from the activation ranges) came out different
+            recheck = bool(gate_dtypes) and weight_dtypes(qplan, act_qparams, p.weight_dtype) != (
+                gate_dtypes
+            )
             guarded = self._guard(
-                graph, targets, qplan, opts, (act_qparams, means, wcfg), feeds, ctx, result
+                graph,
+                targets,
+                qplan,
+                opts,
+                (act_qparams, means, wcfg),
+                feeds,
+                ctx,
+                result,
+                (gate, recheck),
             )
             if guarded is None:
-                if backup is not None:  # ship the original graph, not a smoothed float one
-                    graph.nodes = backup.nodes
-                    graph.inputs = backup.inputs
-                    graph.outputs = backup.outputs
-                    result.stats.pop("smooth", None)
+                _restore(graph, backup, result)
                 return result
             qplan = guarded
         self._write(graph, qplan, (act_qparams, means, wcfg), ctx, result)
         return result
+
+    def _tolerance(self, ctx: Context) -> Tolerance:
+        """The recipe's tolerance, else the guard's own cosine bound."""
+        if ctx.tolerance:
+            return Tolerance(**ctx.tolerance)
+        return Tolerance(min_cosine=self.params.guard_min_cosine)
 
     def _guard(
         self,
@@ -231,19 +267,36 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         feeds: list[dict[str, np.ndarray]],
         ctx: Context,
         result: PassResult,
+        gate: tuple[GuardOutcome | None, bool] = (None, False),
     ) -> QuantPlan | None:
         """The plan without the layers the guard keeps in float; None to leave all in float."""
         act_qparams, means, wcfg = calibrated
         p = self.params
         build = CandidateBuilder(graph, targets, opts, act_qparams, means, wcfg, p.weight_dtype)
-        if ctx.tolerance:
-            tol = Tolerance(**ctx.tolerance)
-        else:
-            tol = Tolerance(min_cosine=p.guard_min_cosine)
         with collect.scratch(ctx.workdir) as wd:
             outcome = run_guard(
-                p.guard, build, qplan.anchors, feeds, tol, wd, p.guard_max_latency_ratio
+                p.guard,
+                build,
+                qplan.anchors,
+                feeds,
+                self._tolerance(ctx),
+                wd,
+                p.guard_max_latency_ratio,
+                start=gate[0],
+                recheck_latency=gate[1],
             )
+        return self._record(graph, targets, qplan, opts, outcome, result)
+
+    def _record(
+        self,
+        graph: gs.Graph,
+        targets: Sequence[gs.Node],
+        qplan: QuantPlan,
+        opts: PlanOptions,
+        outcome: GuardOutcome,
+        result: PassResult,
+    ) -> QuantPlan | None:
+        """Report the guard's decision; the plan it leaves (None: all in float)."""
         result.stats["guard"] = outcome.report.to_dict()
         if outcome.excluded is None:
             for node in qplan.anchors:
@@ -322,6 +375,15 @@ class QdqQuantPass(Pass[QdqQuantParams]):
             )
             result[root] = qk.QParams(scale, zp, p.activation_dtype)
         return result, means
+
+
+def _restore(graph: gs.Graph, backup: gs.Graph | None, result: PassResult) -> None:
+    """Ship the original graph, not a smoothed float one, when the guard leaves all in float."""
+    if backup is not None:
+        graph.nodes = backup.nodes
+        graph.inputs = backup.inputs
+        graph.outputs = backup.outputs
+        result.stats.pop("smooth", None)
 
 
 def _opset_blocker(

@@ -93,3 +93,17 @@ def test_memory_is_bounded_by_bins_not_samples() -> None:
         h.update(np.full(1000, float(i), np.float32))
     assert h.counts.nbytes == 1024 * 8
     assert h.count == 50_000
+
+
+def test_large_batches_bin_a_strided_subset_but_keep_the_exact_range() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(3_000_000).astype(np.float32)
+    x[1] = 40.0  # an outlier off the stride still sets the range
+    h = HistogramObserver(max_binned=1 << 18)
+    h.update(x)
+    assert h.count == x.size
+    assert int(h.counts.sum()) <= (1 << 18) + 1
+    assert h.range("minmax", "uint8") == (float(x.min()), 40.0)
+    lo, hi = h.percentile_range(99.9)
+    exact_lo, exact_hi = np.percentile(x, [0.1, 99.9])
+    assert abs(lo - exact_lo) < 0.05 and abs(hi - exact_hi) < 0.05

@@ -55,3 +55,42 @@ def test_int8_weights_are_an_option(tmp_path: Path) -> None:
     )
     assert worst_cosine(report) > 0.95
     assert fused_ops(out)["DynamicQuantizeMatMul"] == 3
+
+
+def _guarded(**params: object) -> dict[str, object]:
+    return {"pass": "quant.dynamic", "params": {"smooth": True, "guard": "both", **params}}
+
+
+@pytest.mark.ort
+def test_guard_keeps_a_smoothed_result_within_tolerance_and_faster(tmp_path: Path) -> None:
+    out = tmp_path / "t.onnx"
+    # a ratio bound of 100 makes the timing pass on any machine: this test is about accuracy
+    report = compress("transformer", [CLEANUP, _guarded(guard_max_latency_ratio=100.0)], out,
+                      min_cosine=0.99)
+    stats = report.steps[1].stats
+    assert "gave_up" not in stats["guard"] and stats["guard"]["latency"]["ratio"] > 0
+    assert stats["smooth"]["groups"] > 0 and stats["quantized_matmuls"] == 6
+    assert worst_cosine(report) >= 0.99
+    assert fused_ops(out)["DynamicQuantizeMatMul"] >= 3
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize(
+    ("params", "min_cosine", "why"),
+    [
+        ({"guard_max_latency_ratio": 100.0}, 0.99999999, "outside the tolerance"),
+        ({"guard_max_latency_ratio": 0.001}, 0.0, "not faster than float"),
+    ],
+)
+def test_guard_restores_the_unsmoothed_input_when_it_rejects(
+    params: dict[str, float], min_cosine: float, why: str, tmp_path: Path
+) -> None:
+    out, plain = tmp_path / "t.onnx", tmp_path / "plain.onnx"
+    report = compress("transformer", [CLEANUP, _guarded(**params)], out, min_cosine=min_cosine)
+    compress("transformer", [CLEANUP], plain)
+    step = report.steps[1]
+    assert why in step.stats["guard"]["gave_up"]
+    assert not step.touched and "smooth" not in step.stats
+    assert sum(why in s["reason"] for s in step.skipped) >= 6  # every layer it had rewritten
+    assert worst_cosine(report) > 0.999999  # the cleaned float graph, smoothing Muls undone
+    assert fused_ops(out) == fused_ops(plain)
