@@ -64,8 +64,9 @@ def calibration_feeds(
     given: Sequence[dict[str, np.ndarray]],
     rng: np.random.Generator,
     limit: int = 0,
-) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The run's samples (at most `limit`, 0: all), else seeded random ones; and which."""
+) -> tuple[Sequence[dict[str, np.ndarray]], str]:
+    """The run's samples (at most `limit`, 0: all), else seeded random ones; and which.
+    Samples read lazily from disk stay lazy."""
     if given:
-        return list(given[:limit] if limit else given), "samples"
+        return (given[:limit] if limit else given), "samples"
     return random_feeds(graph, rng, RANDOM_SAMPLES), "random (no samples given)"

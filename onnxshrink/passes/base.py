@@ -83,7 +83,7 @@ class Context:
     seed: int = 0
     step_index: int = 0
     workdir: Path | None = None
-    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    feeds: Sequence[dict[str, np.ndarray]] = field(default_factory=list)
     opset: int = 1
     #: The recipe's validation bounds (``Tolerance.to_dict()``), for passes that check
     #: themselves against them (the quantization tolerance guard); empty when unknown.

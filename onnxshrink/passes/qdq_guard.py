@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink import runtime
 from onnxshrink.calibration import collect
 from onnxshrink.ir import edit
 from onnxshrink.kernels import quantize as qk
@@ -108,7 +109,7 @@ class Evaluator:
         files: ModelFiles | None = None,
     ) -> None:
         self.graph = graph
-        self.feeds = list(feeds)
+        self.feeds = feeds  # a lazy sequence stays lazy: one sample in memory at a time
         self.workdir = workdir
         self.tolerance = tolerance
         self.early = early
@@ -334,7 +335,7 @@ def _error_per_gain(share: dict[int, float], gains: dict[int, float]) -> dict[in
 def latency(graph: gs.Graph, files: ModelFiles, stem: str) -> Any:
     """A one-thread onnxruntime session on the exported graph (the caller times it)."""
     with files.exported(graph, stem) as model:
-        return model.session(threads=1)
+        return model.session(threads=1, shared_arena=True)
 
 
 class ModelFiles:
@@ -404,6 +405,7 @@ def timed_ratio(
             continue
         decided = not 0.85 * threshold <= ratio <= 1.15 * threshold
         if decided or time.perf_counter() >= deadline or len(tq) >= 200:
+            runtime.release_arena(quant, feed)
             return q, b, ratio
 
 

@@ -264,7 +264,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         qplan: QuantPlan,
         opts: PlanOptions,
         calibrated: tuple[dict[str, qk.QParams], dict[int, np.ndarray], WeightConfig],
-        feeds: list[dict[str, np.ndarray]],
+        feeds: Sequence[dict[str, np.ndarray]],
         ctx: Context,
         result: PassResult,
         gate: tuple[GuardOutcome | None, bool] = (None, False),
@@ -341,7 +341,11 @@ class QdqQuantPass(Pass[QdqQuantParams]):
             result.stats["bias_correction_max_shift"] = done.corrected_biases
 
     def _calibrate(
-        self, graph: gs.Graph, qplan: QuantPlan, feeds: list[dict[str, np.ndarray]], ctx: Context
+        self,
+        graph: gs.Graph,
+        qplan: QuantPlan,
+        feeds: Sequence[dict[str, np.ndarray]],
+        ctx: Context,
     ) -> tuple[dict[str, qk.QParams], dict[int, np.ndarray]]:
         """Activation parameters per root tensor, and input means per anchor (bias correction)."""
         p = self.params
@@ -387,7 +391,7 @@ def _restore(graph: gs.Graph, backup: gs.Graph | None, result: PassResult) -> No
 
 
 def _opset_blocker(
-    graph: gs.Graph, opset: int, feeds: list[dict[str, np.ndarray]], ctx: Context
+    graph: gs.Graph, opset: int, feeds: Sequence[dict[str, np.ndarray]], ctx: Context
 ) -> str | None:
     """Why opset 13 is out of reach, measuring Softmax input ranks shape inference missed."""
     names = softmax_inputs(graph, opset, QDQ_OPSET)

@@ -7,9 +7,10 @@ clear `SampleError`, not an onnxruntime stack trace halfway through a run.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import onnx
@@ -41,11 +42,47 @@ class InputSpec:
         return f"{self.name} {self.dtype}[{dims}]"
 
 
+class LazySamples(Sequence[dict[str, np.ndarray]]):
+    """Samples read from disk on each access instead of held in memory.
+
+    24 detector inputs at 640x640 are 118 MB, more than the rest of a run holds at once; read
+    again when used (a few milliseconds each), they cost one sample's memory. Slices load their
+    samples (callers slice off one or a few)."""
+
+    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], count: int) -> None:
+        self._load = load
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, np.ndarray]]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+        if isinstance(index, slice):
+            return [self._load(i) for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self._load(index)
+
+
+#: Test-data folders whose inputs add up to more than this are read lazily (`LazySamples`).
+LAZY_SAMPLE_BYTES = 64 << 20
+
+
 @dataclass
 class Feeds:
     """Samples (one dict per sample) plus reference outputs when the source ships them."""
 
-    samples: list[dict[str, np.ndarray]]
+    samples: Sequence[dict[str, np.ndarray]]
     source: str
     references: list[list[np.ndarray]] | None = None
     notes: list[str] = field(default_factory=list)
@@ -181,21 +218,29 @@ def load_dir(path: Path, specs: list[InputSpec], limit: int | None = None) -> Fe
         raise SampleError(f"{path}: no test_data_set_* folders with input_N.pb files")
     if limit is not None:
         sets = sets[:limit]
-    samples, refs = [], []
-    for folder in sets:
+    def load(index: int) -> dict[str, np.ndarray]:
+        folder = sets[index]
         inputs = _read_pbs(folder, "input")
         if len(inputs) != len(specs):
             raise SampleError(
                 f"{folder}: {len(inputs)} input files, but the model takes {len(specs)} inputs "
                 f"({', '.join(s.describe() for s in specs)})"
             )
-        samples.append(
-            {s.name: _conform(a, s, f"{folder} input_{i}") for i, (s, a) in
-             enumerate(zip(specs, inputs))}
-        )
+        return {s.name: _conform(a, s, f"{folder} input_{i}") for i, (s, a) in
+                enumerate(zip(specs, inputs))}
+
+    samples: list[dict[str, np.ndarray]] = []
+    refs, total = [], 0
+    for i, folder in enumerate(sets):  # every sample is checked up front, lazy or not
+        sample = load(i)
+        total += sum(a.nbytes for a in sample.values())
+        samples.append(sample)
+        if total > LAZY_SAMPLE_BYTES:
+            samples = []  # too big to hold: drop them, read each again when used
         refs.append(_read_pbs(folder, "output"))
     has_refs = all(refs)
-    return Feeds(samples, source=str(path), references=refs if has_refs else None)
+    held = samples if total <= LAZY_SAMPLE_BYTES else LazySamples(load, len(sets))
+    return Feeds(held, source=str(path), references=refs if has_refs else None)
 
 
 def _read_pbs(folder: Path, prefix: str) -> list[Any]:

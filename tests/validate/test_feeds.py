@@ -77,6 +77,34 @@ def test_test_data_dir_with_varying_shapes(tmp_path: Path) -> None:
     assert feeds.references is not None and feeds.references[1][0][0, 0] == 2
 
 
+def test_large_test_data_dirs_are_read_lazily_and_checked_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxshrink.validate import feeds as feeds_mod
+
+    monkeypatch.setattr(feeds_mod, "LAZY_SAMPLE_BYTES", 100)  # 3 samples of 64 bytes each
+    specs = [InputSpec("x", np.dtype(np.float32), (1, 16))]
+    for i in range(3):
+        d = tmp_path / f"test_data_set_{i}"
+        d.mkdir()
+        arr = np.full((1, 16), i, np.float32)
+        (d / "input_0.pb").write_bytes(numpy_helper.from_array(arr).SerializeToString())
+    samples = load_dir(tmp_path, specs).samples
+    assert isinstance(samples, feeds_mod.LazySamples) and len(samples) == 3
+    assert [float(s["x"][0, 0]) for s in samples] == [0.0, 1.0, 2.0]
+    assert float(samples[-1]["x"][0, 0]) == 2.0 and len(samples[1:]) == 2
+    with pytest.raises(IndexError):
+        samples[3]
+    # a bad sample is still refused when loading, not halfway through a run
+    bad = tmp_path / "test_data_set_3"
+    bad.mkdir()
+    (bad / "input_0.pb").write_bytes(
+        numpy_helper.from_array(np.zeros((1, 15), np.float32)).SerializeToString()
+    )
+    with pytest.raises(SampleError, match="test_data_set_3"):
+        load_dir(tmp_path, specs)
+
+
 def test_unknown_source_is_refused(tmp_path: Path) -> None:
     specs = [InputSpec("x", np.dtype(np.float32), (1,))]
     with pytest.raises(SampleError, match="not found"):
