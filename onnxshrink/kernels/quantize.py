@@ -143,6 +143,8 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     """``(q - zero_point) * scale`` in float32, as ``DequantizeLinear``."""
     scale = _expand(np.asarray(qp.scale, np.float32), q.shape, qp.axis, qp.block_size)
     zp = _expand(np.asarray(qp.zero_point), q.shape, qp.axis, qp.block_size)
+    if q.dtype.itemsize <= 2:  # 8/16-bit codes and their difference are exact in float32
+        return ((q.astype(np.float32) - zp.astype(np.float32)) * scale).astype(np.float32)
     return ((q.astype(np.int64) - zp.astype(np.int64)).astype(np.float32) * scale).astype(
         np.float32
     )

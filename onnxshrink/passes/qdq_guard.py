@@ -386,7 +386,7 @@ def timed_ratio(
 ) -> tuple[float, float, float]:
     """Median latency of two sessions measured in alternation: (quant_ms, base_ms, ratio).
 
-    Timing stops after `rounds` pairs once the ratio is far (15%) from `threshold` either way:
+    Timing stops after `rounds` pairs once the ratio is far (10%) from `threshold` either way:
     only a ratio near the threshold needs the whole `budget_s` of repetitions to be decided.
     """
     for s in (quant, base):
@@ -403,7 +403,7 @@ def timed_ratio(
         ratio = q / b if b > 0 else 1.0
         if len(tq) < rounds:
             continue
-        decided = not 0.85 * threshold <= ratio <= 1.15 * threshold
+        decided = not 0.9 * threshold <= ratio <= 1.1 * threshold
         if decided or time.perf_counter() >= deadline or len(tq) >= 200:
             runtime.release_arena(quant, feed)
             return q, b, ratio
@@ -423,7 +423,8 @@ def latency_guard(
     """Exclusions that make the quantized graph faster than `graph`; None if none does.
 
     The layers that int8 speeds up least go back to float first: every layer the probe found
-    slower in int8 at once, then a quarter of the rest at a time."""
+    slower in int8 at once, then a quarter of the rest at a time, while that still helps (a
+    drop that leaves the ratio no lower ends the search)."""
     files = build.files(workdir)
     base = latency(graph, files, "latency_float")
     current = excluded
@@ -433,6 +434,7 @@ def latency_guard(
     probed_slower = sum(gains[k] for k in candidates) <= 0 and 0 < len(slower) < len(candidates)
     if probed_slower:  # the probe already shows int8 as a whole is slower: skip that timing
         current = current | frozenset(slower)
+    previous = float("inf")
     for tried in range(max_tries + 1):
         quant = latency(build(current), files, "latency_quant")
         q, b, ratio = timed_ratio(quant, base, feed, max_ratio)
@@ -448,8 +450,9 @@ def latency_guard(
         slower = [k for k in remaining if gains[k] <= 0]
         first = tried == 0 and not probed_slower
         drop = slower if first and 0 < len(slower) < len(remaining) else remaining[:step]
-        if tried == max_tries or len(drop) >= len(remaining):
+        if tried == max_tries or len(drop) >= len(remaining) or ratio >= previous:
             break
+        previous = ratio
         current = current | frozenset(drop)
     report.gave_up = (
         f"the quantized model was not faster than float ({ratio:.2f}x at 1 thread, "
