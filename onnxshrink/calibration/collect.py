@@ -239,6 +239,57 @@ def collect(
     return len(feeds)
 
 
+def ranges(
+    graph: gs.Graph,
+    names: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    workdir: Path,
+    *,
+    stem: str = "ranges",
+) -> dict[str, tuple[float, float]]:
+    """Min and max of each float tensor in `names` over the samples, reduced by onnxruntime.
+
+    Each run returns two scalars per tensor instead of the tensor itself: the activations of a
+    640x640 detector are 110 MB per sample, more than the rest of a run holds, and decisions
+    that need only ranges (the latency gate's candidate) need not pay for them. Tensors of
+    unknown or non-float type, and ranges that are not finite, are left out.
+    """
+    outputs, fed = observable(graph, names)
+    copy = graph.copy()
+    tensors = copy.tensors()
+    reduced: list[tuple[str, str, str]] = []
+    for name in outputs:
+        t = tensors[name]
+        if t.dtype is None or np.dtype(t.dtype).kind != "f":
+            continue
+        pair = []
+        for op in ("ReduceMin", "ReduceMax"):
+            out = gs.Variable(f"{name}__{op}", dtype=t.dtype, shape=[])
+            copy.nodes.append(gs.Node(op, f"{name}__{op}", {"keepdims": 0}, [t], [out]))
+            pair.append(out.name)
+        reduced.append((name, pair[0], pair[1]))
+    wanted = [n for _, lo, hi in reduced for n in (lo, hi)]
+    found: dict[str, list[float]] = {}
+    model = instrumented_model(copy, wanted, workdir / f"{stem}.onnx")
+    try:
+        sess = model.session(opt=CALIBRATION_OPT) if wanted else None
+        for sample in feeds:
+            values = sess.run(wanted, dict(sample)) if sess is not None else []
+            got = dict(zip(wanted, values))
+            pairs = [(n, float(got[lo]), float(got[hi])) for n, lo, hi in reduced]
+            pairs += [(n, float(np.min(sample[n])), float(np.max(sample[n]))) for n in fed
+                      if np.asarray(sample[n]).dtype.kind == "f" and np.size(sample[n])]
+            for n, lo, hi in pairs:
+                old = found.setdefault(n, [lo, hi])
+                old[0], old[1] = min(old[0], lo), max(old[1], hi)
+        del sess
+    except Exception as e:
+        raise OnnxShrinkError(f"range probe failed: {_short(e)}") from e
+    finally:
+        model.remove()
+    return {n: (lo, hi) for n, (lo, hi) in found.items() if np.isfinite([lo, hi]).all()}
+
+
 def _fold(obs: Sequence[Observer], value: Any) -> None:
     arr = np.asarray(value)
     if arr.dtype.kind != "f":

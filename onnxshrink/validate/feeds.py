@@ -75,7 +75,7 @@ class LazySamples(Sequence[dict[str, np.ndarray]]):
 
 
 #: Test-data folders whose inputs add up to more than this are read lazily (`LazySamples`).
-LAZY_SAMPLE_BYTES = 64 << 20
+LAZY_SAMPLE_BYTES = 16 << 20
 
 
 @dataclass

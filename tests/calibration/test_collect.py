@@ -45,3 +45,25 @@ def test_dynamic_shapes_calibrate_with_varying_lengths(tmp_path: Path) -> None:
     feeds = [{"input_ids": rng.integers(0, 128, (1, n)).astype(np.int64)} for n in (3, 17, 40)]
     assert collect.collect(graph, obs, feeds, tmp_path) == 3
     assert obs[mm.inputs[0].name][0].count == 64 * (3 + 17 + 40)
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize("model", ["cnn", "transformer"])
+def test_ranges_reduced_in_onnxruntime_equal_the_streamed_min_max(
+    model: str, tmp_path: Path
+) -> None:
+    graph = io.load(SAMPLES / f"{model}.onnx").graph
+    npz = np.load(SAMPLES / f"{model}.npz")
+    feeds = [{k: npz[k][i] for k in npz.files} for i in range(4)]
+    names = [n.outputs[0].name for n in graph.nodes if n.op in ("Conv", "MatMul", "Gemm", "Relu")]
+    names += [t.name for t in graph.inputs]
+    observers = {n: [MinMaxObserver()] for n in names}
+    collect.collect(graph, observers, feeds, tmp_path)
+    got = collect.ranges(graph, names, feeds, tmp_path)
+    float_names = {n for n in names if observers[n][0].count}
+    assert set(got) == float_names and float_names  # integer inputs (token ids) left out
+    for n in float_names:
+        assert got[n] == pytest.approx(observers[n][0].range(), rel=1e-6, abs=1e-7)
+    assert list(tmp_path.iterdir()) == []
+    original = io.load(SAMPLES / f"{model}.onnx").graph
+    assert [t.name for t in graph.outputs] == [t.name for t in original.outputs]  # unchanged
