@@ -22,7 +22,7 @@ from onnxshrink.errors import PreconditionError
 from onnxshrink.ir import edit
 from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
-from onnxshrink.passes.base import Context, Pass, PassParams, PassResult
+from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect
 from onnxshrink.passes.qdq_plan import already_quantized, is_float
 from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
 from onnxshrink.passes.whole_guard import check_whole
@@ -46,8 +46,25 @@ class DynamicQuantParams(PassParams):
     #: "both": keep the result only if onnxruntime finds it within the recipe's tolerance on
     #: the samples and faster than the input graph at one thread; otherwise restore it.
     guard: Literal["off", "both"] = "off"
+    #: Bound used by the guard when the run has no recipe tolerance.
     guard_min_cosine: float = 0.999
+    #: The guard keeps the result only below this latency ratio to the input graph.
     guard_max_latency_ratio: float = 0.95
+
+    def check(self) -> None:
+        """Ranges of the guard's bounds."""
+        expect(
+            0.0 < self.guard_min_cosine <= 1.0,
+            "guard_min_cosine",
+            self.guard_min_cosine,
+            "in (0, 1]",
+        )
+        expect(
+            self.guard_max_latency_ratio > 0.0,
+            "guard_max_latency_ratio",
+            self.guard_max_latency_ratio,
+            "> 0",
+        )
 
 
 @dataclass
@@ -72,6 +89,10 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
     Gemm's alpha folds into the weight scale, beta x C becomes the fused bias. Float16 and
     already-quantized nodes are skipped with a reason. Preconditions: opset >= 11. Numeric
     effect: int8 weight rounding plus per-batch activation rounding; no calibration data needed.
+    With ``smooth`` the inputs are SmoothQuant-ed first (from the samples); with
+    ``guard = "both"`` the result is kept only if onnxruntime finds it within the tolerance and
+    faster than the input graph, else the input graph is restored and every layer is skipped
+    with the measured reason.
     """
 
     params_type = DynamicQuantParams
