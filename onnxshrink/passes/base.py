@@ -26,6 +26,13 @@ def expect(ok: bool, name: str, value: object, wanted: str) -> None:
         raise ParamError(f"The {name!r} parameter must be {wanted}. Got {value!r} instead.")
 
 
+def expect_guard(min_cosine: float, max_ratio: float, ratio_range: tuple[float, float]) -> None:
+    """The bounds every guarded pass takes: a cosine in (0, 1] and a latency ratio in range."""
+    expect(0.0 < min_cosine <= 1.0, "guard_min_cosine", min_cosine, "in (0, 1]")
+    lo, hi = ratio_range
+    expect(lo <= max_ratio <= hi, "guard_max_latency_ratio", max_ratio, f"in [{lo:g}, {hi:g}]")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PassParams:
     """Base of every pass's parameters; subclasses add fields with defaults and a `check`."""

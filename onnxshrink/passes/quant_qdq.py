@@ -27,7 +27,14 @@ from onnxshrink.errors import PreconditionError
 from onnxshrink.ir import edit
 from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
-from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect
+from onnxshrink.passes.base import (
+    Context,
+    Pass,
+    PassParams,
+    PassResult,
+    expect,
+    expect_guard,
+)
 from onnxshrink.passes.qdq_guard import CandidateBuilder, GuardOutcome, latency_gate, run_guard
 from onnxshrink.passes.qdq_materialise import WeightConfig, materialise, weight_dtypes
 from onnxshrink.passes.qdq_opset import blocker, raise_opset, softmax_inputs
@@ -112,18 +119,7 @@ class QdqQuantParams(PassParams):
         expect(50.0 < self.percentile <= 100.0, "percentile", self.percentile, "in (50, 100]")
         expect(self.max_samples >= 0, "max_samples", self.max_samples, ">= 0")
         expect(0.0 <= self.smooth_alpha <= 1.0, "smooth_alpha", self.smooth_alpha, "in [0, 1]")
-        expect(
-            0.0 < self.guard_min_cosine <= 1.0,
-            "guard_min_cosine",
-            self.guard_min_cosine,
-            "in (0, 1]",
-        )
-        expect(
-            0.1 <= self.guard_max_latency_ratio <= 1.0,
-            "guard_max_latency_ratio",
-            self.guard_max_latency_ratio,
-            "in [0.1, 1]",
-        )
+        expect_guard(self.guard_min_cosine, self.guard_max_latency_ratio, (0.1, 1.0))
         expect(
             64 <= self.histogram_bins <= 1 << 20,
             "histogram_bins",
