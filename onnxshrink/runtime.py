@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,9 +25,7 @@ def version() -> str:
     return str(ort.__version__)
 
 
-_SHARED_ARENA: list[bool] = []
-
-
+@functools.cache
 def _shared_arena() -> bool:
     """Register one CPU arena shared by the sessions that ask for it (once; False if refused).
 
@@ -35,16 +34,14 @@ def _shared_arena() -> bool:
     detector-sized arenas (+104 MB at 640x640); they run in turn, so one arena serves both.
     Only timing sessions share it: a process-wide arena never returns memory, and shared by
     every session (constant folding, calibration) it fragmented to more than it saved."""
-    if not _SHARED_ARENA:
-        try:
-            info = ort.OrtMemoryInfo(
-                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
-            )
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-            _SHARED_ARENA.append(True)
-        except Exception:  # an allocator already registered by the host application
-            _SHARED_ARENA.append(False)
-    return _SHARED_ARENA[0]
+    try:
+        info = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+    except Exception:  # an allocator already registered by the host application
+        return False
+    return True
 
 
 def session(

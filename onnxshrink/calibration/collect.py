@@ -111,32 +111,34 @@ def instrumented_model(graph: gs.Graph, names: Sequence[str], path: Path) -> Exp
     copy.outputs = list(copy.outputs) + [tensors[n] for n in names if n not in present]
     copy.cleanup(remove_unused_graph_inputs=False).toposort()  # drop disconnected nodes
 
-    def write() -> None:
-        with io.quiet_gs():
-            model = gs.export_onnx(copy, do_type_check=False)
-        for entry in model.opset_import:  # gs keeps the imported opset; a pass may raise it
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = max(entry.version, int(graph.opset or 1))
-        model.ir_version = max(min(model.ir_version, 10), int(graph.ir_version or 0))
-        if originals and not restored:  # placeholders only: small, and io.save would inline
-            path.write_bytes(model.SerializeToString())  # (read) the placeholders' data
-            (path.parent / (path.name + ".in-memory")).touch()
-        else:
-            io.save(model, path)
-
+    sidecar = path.parent / (path.name + ".in-memory")
     originals: dict[str, Any] = {}
-    restored: list[bool] = []
-    arrays = _to_placeholders(copy, path.name + ".in-memory", originals)
-    write()
+    arrays = _to_placeholders(copy, sidecar.name, originals)
+    _write(copy, graph, path, sidecar if arrays else None)
 
     def rewrite() -> None:
-        for name, t in copy.tensors().items():
-            if name in originals:
-                t._values = originals[name]
-        restored.append(True)
-        write()
+        for t in copy.tensors().values():
+            if t.name in originals:
+                t._values = originals[t.name]
+        _write(copy, graph, path, None)
 
     return ExportedModel(path, arrays, rewrite)
+
+
+def _write(copy: gs.Graph, graph: gs.Graph, path: Path, sidecar: Path | None) -> None:
+    """Export `copy` to `path` at `graph`'s opset and IR version. With placeholders (`sidecar`)
+    the file is small and written as is: io.save would inline, so read, their data."""
+    with io.quiet_gs():
+        model = gs.export_onnx(copy, do_type_check=False)
+    for entry in model.opset_import:  # gs keeps the imported opset; a pass may have raised it
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, int(graph.opset or 1))
+    model.ir_version = max(min(model.ir_version, 10), int(graph.ir_version or 0))
+    if sidecar is None:
+        io.save(model, path)
+        return
+    path.write_bytes(model.SerializeToString())
+    sidecar.touch()
 
 
 def _plain_values(t: gs.Constant) -> np.ndarray | None:

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 
 from onnxshrink.errors import ModelError
+from onnxshrink.ir import query
 from onnxshrink.ir.proto import iter_all_graphs
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,7 @@ class ExternalValues(gs.ir.tensor.LazyValues):  # type: ignore[misc]
 
 def use_external_values(graph: gs.Graph) -> None:
     """Give every external constant of `graph` and its subgraphs `ExternalValues`."""
-    graphs = [graph]
-    while graphs:
-        g = graphs.pop()
+    for g in query.walk_graphs(graph):
         for tensor in g.tensors().values():
             values = getattr(tensor, "_values", None)
             if (
@@ -97,12 +96,6 @@ def use_external_values(graph: gs.Graph) -> None:
                 and external_data_helper.uses_external_data(values.tensor)
             ):
                 tensor._values = ExternalValues(values.tensor)
-        for node in g.nodes:
-            for attr in node.attrs.values():
-                if isinstance(attr, gs.Graph):
-                    graphs.append(attr)
-                elif isinstance(attr, list):
-                    graphs.extend(a for a in attr if isinstance(a, gs.Graph))
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from onnxshrink.errors import ModelError, OutputError
+from onnxshrink.ir import query
 from onnxshrink.ir.export import node_metadata
 from onnxshrink.ir.export import to_model as to_model
 from onnxshrink.ir.external import (
@@ -235,7 +235,9 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
             graph = gs.import_onnx(inferred)
     except Exception as e:  # gs raises bare exceptions on constructs it does not model
         raise ModelError(f"{path}: cannot be imported ({one_line(e)})") from None
-    for tensor in _all_tensors(graph):  # the placeholders read the loaded weights
+    # the placeholders read the loaded weights (an outer weight may be read only in a subgraph)
+    tensors = (t for g in query.walk_graphs(graph) for t in g.tensors().values())
+    for tensor in tensors:
         if isinstance(tensor, gs.Constant) and tensor.name in weights:
             weight = weights[tensor.name]
             tensor._values = gs.ir.tensor.LazyValues(weight)
@@ -245,20 +247,6 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
     if info.external_data:
         use_external_values(graph)
     return LoadedModel(graph=graph, info=info, proto=model)
-
-
-def _all_tensors(graph: gs.Graph) -> Iterator[gs.Tensor]:
-    """Tensors of `graph` and of its subgraphs (an outer weight may be read only inside one)."""
-    graphs = [graph]
-    while graphs:
-        g = graphs.pop()
-        yield from g.tensors().values()
-        for node in g.nodes:
-            for attr in node.attrs.values():
-                if isinstance(attr, gs.Graph):
-                    graphs.append(attr)
-                elif isinstance(attr, list):
-                    graphs.extend(a for a in attr if isinstance(a, gs.Graph))
 
 
 #: Main-graph initializers at least this big are left out of the copy shape inference works on.
@@ -282,7 +270,8 @@ def _weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx
     slim.metadata_props.extend(model.metadata_props)
     source, graph = model.graph, slim.graph
     graph.name, graph.doc_string = source.name, source.doc_string
-    for name in ("node", "input", "output", "value_info", "sparse_initializer", "metadata_props"):
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "metadata_props",
+                 "quantization_annotation"):
         getattr(graph, name).extend(getattr(source, name))
     weights: dict[str, onnx.TensorProto] = {}
     for tensor in source.initializer:

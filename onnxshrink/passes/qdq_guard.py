@@ -27,6 +27,7 @@ Every decision is reported with its numbers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -599,10 +600,13 @@ def latency_gate(
         }
     first = latency_guard(build, graph, frozenset(), gains, feed, workdir, report, max_ratio)
     if first is not None:
-        _kept_for_latency(
-            report, first, gains, lambda k: {"node": graph.nodes[k].name, "op": graph.nodes[k].op}
-        )
+        _kept_for_latency(report, first, gains, functools.partial(_describe, graph))
     return GuardOutcome(first, report, gains)
+
+
+def _describe(graph: gs.Graph, k: int) -> dict[str, Any]:
+    """How reports name layer `k` (a node index)."""
+    return {"node": graph.nodes[k].name, "op": graph.nodes[k].op}
 
 
 def run_guard(
@@ -627,9 +631,7 @@ def run_guard(
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     layers = {index[id(a)]: (a.inputs[0].name, a.outputs[0].name) for a in anchors}
 
-    def describe(k: int) -> dict[str, Any]:
-        return {"node": graph.nodes[k].name, "op": graph.nodes[k].op}
-
+    describe = functools.partial(_describe, graph)
     # the probe times this machine: only the modes that care about latency use it, so that
     # "accuracy" decides from the samples alone (reproducible byte for byte)
     timed = mode in ("latency", "both") and bool(feeds)

@@ -25,8 +25,7 @@ from onnxshrink.passes import register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect_guard
 from onnxshrink.passes.qdq_plan import already_quantized, is_float
 from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
-from onnxshrink.passes.whole_guard import check_whole
-from onnxshrink.recipe.schema import Tolerance
+from onnxshrink.passes.whole_guard import check_whole, guard_tolerance, restore
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,17 +127,13 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
         """Restore `backup` unless the rewritten graph is within tolerance and faster."""
         p = self.params
         feeds, _ = sources.calibration_feeds(backup, ctx.feeds, ctx.rng, 0)
-        tol = Tolerance(**ctx.tolerance) if ctx.tolerance else Tolerance(
-            min_cosine=p.guard_min_cosine
-        )
+        tol = guard_tolerance(ctx.tolerance, p.guard_min_cosine)
         with collect.scratch(ctx.workdir) as wd:
             verdict = check_whole(backup, graph, feeds, tol, wd, p.guard_max_latency_ratio)
         result.stats["guard"] = verdict.stats
         if verdict.rejected is None:
             return
-        graph.nodes = backup.nodes
-        graph.inputs = backup.inputs
-        graph.outputs = backup.outputs
+        restore(graph, backup)
         result.touched.clear()
         result.stats = {"guard": {**verdict.stats, "gave_up": verdict.rejected}}
         for node in targets:

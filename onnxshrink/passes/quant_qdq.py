@@ -49,7 +49,7 @@ from onnxshrink.passes.qdq_plan import (
 )
 from onnxshrink.passes.qdq_plan import plan as make_plan
 from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
-from onnxshrink.recipe.schema import Tolerance
+from onnxshrink.passes.whole_guard import guard_tolerance, restore
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
                     build,
                     qplan.anchors,
                     dict(feeds[0]),
-                    self._tolerance(ctx),
+                    guard_tolerance(ctx.tolerance, p.guard_min_cosine),
                     wd,
                     p.guard_max_latency_ratio,
                 )
@@ -247,12 +247,6 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         self._write(graph, qplan, (act_qparams, means, wcfg), ctx, result)
         return result
 
-    def _tolerance(self, ctx: Context) -> Tolerance:
-        """The recipe's tolerance, else the guard's own cosine bound."""
-        if ctx.tolerance:
-            return Tolerance(**ctx.tolerance)
-        return Tolerance(min_cosine=self.params.guard_min_cosine)
-
     def _guard(
         self,
         graph: gs.Graph,
@@ -275,7 +269,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
                 build,
                 qplan.anchors,
                 feeds,
-                self._tolerance(ctx),
+                guard_tolerance(ctx.tolerance, p.guard_min_cosine),
                 wd,
                 p.guard_max_latency_ratio,
                 start=gate[0],
@@ -401,9 +395,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
 def _restore(graph: gs.Graph, backup: gs.Graph | None, result: PassResult) -> None:
     """Ship the original graph, not a smoothed float one, when the guard leaves all in float."""
     if backup is not None:
-        graph.nodes = backup.nodes
-        graph.inputs = backup.inputs
-        graph.outputs = backup.outputs
+        restore(graph, backup)
         result.stats.pop("smooth", None)
 
 

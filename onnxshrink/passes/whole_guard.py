@@ -21,6 +21,18 @@ from onnxshrink.passes.qdq_guard import Evaluator, ModelFiles, latency, timed_ra
 from onnxshrink.recipe.schema import Tolerance
 
 
+def guard_tolerance(recipe: dict[str, Any] | None, min_cosine: float) -> Tolerance:
+    """The recipe's tolerance, else the guard's own cosine bound."""
+    return Tolerance(**recipe) if recipe else Tolerance(min_cosine=min_cosine)
+
+
+def restore(graph: gs.Graph, backup: gs.Graph) -> None:
+    """Put `backup`'s nodes and signature back into `graph` (in place: callers hold it)."""
+    graph.nodes = backup.nodes
+    graph.inputs = backup.inputs
+    graph.outputs = backup.outputs
+
+
 @dataclass
 class WholeVerdict:
     """Why the rewritten graph is rejected (None: keep it), with what was measured."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnxshrink import runtime
 from onnxshrink.calibration import collect
 from onnxshrink.calibration.observers import MinMaxObserver
 from onnxshrink.ir import io
@@ -67,3 +68,28 @@ def test_ranges_reduced_in_onnxruntime_equal_the_streamed_min_max(
     assert list(tmp_path.iterdir()) == []
     original = io.load(SAMPLES / f"{model}.onnx").graph
     assert [t.name for t in graph.outputs] == [t.name for t in original.outputs]  # unchanged
+
+
+@pytest.mark.ort
+def test_exported_weights_come_from_memory_and_fall_back_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = io.load(SAMPLES / "cnn.onnx").graph
+    feed = {"image": np.load(SAMPLES / "cnn.npz")["image"][0]}
+    model = collect.instrumented_model(graph, [], tmp_path / "m.onnx")
+    assert model.initializers  # conv weights are placeholders in a small file
+    small = model.path.stat().st_size
+    expected = model.session().run(None, feed)
+    real_session = runtime.session
+
+    def refuse_placeholders(path: Path, **kw: object) -> object:
+        if kw.get("initializers"):
+            raise RuntimeError("external initializers refused")
+        return real_session(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "session", refuse_placeholders)
+    got = model.session().run(None, feed)  # rewritten once with its weights inside
+    assert not model.initializers and model.path.stat().st_size > small
+    np.testing.assert_array_equal(got[0], expected[0])
+    model.remove()
+    assert list(tmp_path.iterdir()) == []
