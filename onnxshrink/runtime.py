@@ -64,6 +64,9 @@ def session(
     so.log_severity_level = 4  # errors reach the user as exceptions, never as C++ log lines
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # the memory pattern plans one block per run for shapes seen before: on a 640x640
+    # detector it holds 106 MB against 58 MB without it, at the same speed (also on MiniLM)
+    so.enable_mem_pattern = False
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     if profile_prefix is not None:

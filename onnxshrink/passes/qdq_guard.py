@@ -534,23 +534,32 @@ class CandidateBuilder:
 
 def layer_gains(
     build: CandidateBuilder, layers: dict[int, gs.Node], feed: dict[str, np.ndarray], workdir: Path
-) -> dict[int, float]:
-    """Milliseconds int8 saves on each layer at one thread: its float kernel time minus its
-    quantized kernel time, from onnxruntime's profiler on the float graph and on the fully
+) -> tuple[dict[int, float], float]:
+    """Milliseconds int8 saves on each layer at one thread: the float time minus the int8 time
+    of the layer's kernels and of those around it (its activation, its Q/DQ pairs: see
+    `qdq_probe.regions`), from onnxruntime's profiler on the float graph and on the fully
     quantized candidate. Layers the profiler does not name (fused under another name) get
-    the measured time per multiply-accumulate of the others."""
+    the measured time per multiply-accumulate of the others. Also returns the candidate's
+    total kernel time over the float graph's (what no layer is charged for included)."""
     if not layers:
-        return {}
+        return {}, 1.0
     files = build.files(workdir)
-    with files.exported(build.graph, "probe_float") as model:
-        t_float = qdq_probe.layer_times(qdq_probe.node_times(model, feed, workdir), layers)
-    with files.exported(build(frozenset()), "probe_quant") as model:
-        t_quant = qdq_probe.layer_times(qdq_probe.node_times(model, feed, workdir), layers)
+    totals: list[float] = []
+
+    def charged(graph: gs.Graph, stem: str) -> dict[int, float]:
+        with files.exported(graph, stem) as model:
+            times = qdq_probe.node_times(model, feed, workdir)
+        totals.append(sum(times.values()))
+        return qdq_probe.layer_times(times, layers, build.graph)
+
+    t_float = charged(build.graph, "probe_float")
+    t_quant = charged(build(frozenset()), "probe_quant")
+    ratio = totals[1] / totals[0] if totals[0] > 0 else 1.0
     macs = {k: layer_macs(n) for k, n in layers.items()}
     gains = {k: t_float[k] - t_quant[k] for k in layers if k in t_float and k in t_quant}
     measured_macs = sum(macs[k] for k in gains)
     per_mac = sum(gains.values()) / measured_macs if measured_macs > 0 else 0.0
-    return {k: gains.get(k, per_mac * macs[k]) for k in layers}
+    return {k: gains.get(k, per_mac * macs[k]) for k in layers}, ratio
 
 
 def layer_macs(node: gs.Node) -> float:
@@ -591,13 +600,21 @@ def latency_gate(
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     report = GuardReport(tolerance=tolerance.to_dict())
     by_index = {index[id(a)]: a for a in anchors}
-    gains = layer_gains(build, by_index, feed, workdir)
+    gains, ratio = layer_gains(build, by_index, feed, workdir)
     if gains:
         report.probe = {
             "layers_timed": len(gains),
             "int8_slower": sum(g <= 0 for g in gains.values()),
             "saved_ms": round(sum(gains.values()), 3),
+            "kernel_time_ratio": round(ratio, 3),
         }
+        if ratio > max_ratio and all(g <= 0 for g in gains.values()):
+            # slower on every layer and as a whole: no subset to time
+            report.gave_up = (
+                f"int8 was not faster than float on any layer in onnxruntime's profile "
+                f"({ratio:.2f}x overall at 1 thread, {max_ratio:g}x needed); left in float"
+            )
+            return GuardOutcome(None, report, gains)
     first = latency_guard(build, graph, frozenset(), gains, feed, workdir, report, max_ratio)
     if first is not None:
         _kept_for_latency(report, first, gains, functools.partial(_describe, graph))

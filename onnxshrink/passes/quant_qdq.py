@@ -200,11 +200,11 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         wcfg = WeightConfig("int8", True, p.reduce_range, p.weight_calibration)
         gate: GuardOutcome | None = None
         gate_dtypes: dict[str, str] = {}
+        calibrated = qplan
         if p.guard in ("latency", "both") and feeds:
             # speed first, on one sample's ranges (speed does not depend on them): a model int8
             # cannot make faster is left in float before the full calibration is paid for
             quick = self._quick_qparams(graph, qplan, feeds[:1], ctx)
-            gate_dtypes = weight_dtypes(qplan, quick, p.weight_dtype)
             build = CandidateBuilder(graph, targets, opts, quick, {}, wcfg, p.weight_dtype)
             with collect.scratch(ctx.workdir) as wd:
                 gate = latency_gate(
@@ -219,15 +219,20 @@ class QdqQuantPass(Pass[QdqQuantParams]):
                 self._record(graph, targets, qplan, opts, gate, result)
                 _restore(graph, backup, result)
                 return result
-        act_qparams, means = self._calibrate(graph, qplan, feeds, ctx)
+            if gate.excluded:  # the layers it returned to float stay there: not calibrated
+                index = {id(n): i for i, n in enumerate(graph.nodes)}
+                rest = [t for t in targets if index[id(t)] not in gate.excluded]
+                calibrated = make_plan(graph, rest, opts)
+            gate_dtypes = weight_dtypes(calibrated, quick, p.weight_dtype)
+        act_qparams, means = self._calibrate(graph, calibrated, feeds, ctx)
         result.stats.update(
             calibration=p.calibration, calibration_samples=len(feeds), calibration_source=source
         )
         if p.guard != "off":
             # the gate timed the quick candidate: time the final one too if its weight formats
             # (chosen from the activation ranges) came out different
-            recheck = bool(gate_dtypes) and weight_dtypes(qplan, act_qparams, p.weight_dtype) != (
-                gate_dtypes
+            recheck = bool(gate_dtypes) and (
+                weight_dtypes(calibrated, act_qparams, p.weight_dtype) != gate_dtypes
             )
             guarded = self._guard(
                 graph,

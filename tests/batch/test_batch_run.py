@@ -80,7 +80,12 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
 
 
 def _outputs(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*.onnx") if STAGING not in p.parts]
+    """Published outputs; os.walk passes over staging folders removed while it walks."""
+    found = []
+    for root, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if d != STAGING]
+        found += [Path(root) / f for f in files if f.endswith(".onnx")]
+    return found
 
 
 def _start(tree: Path, out: Path) -> subprocess.Popen[bytes]:

@@ -220,7 +220,9 @@ def test_latency_guard_never_ships_a_slower_model(tmp_path: Path) -> None:
     report = compress("mlp", [CLEANUP, step], out)
     guard = report.steps[1].stats["guard"]
     assert "not faster than float" in guard["gave_up"]
-    assert guard["latency"]["ratio"] > 1.0
+    # timed, or found slower on every layer and as a whole by the probe (then never timed)
+    measured = guard.get("latency") or {"ratio": guard["probe"]["kernel_time_ratio"]}
+    assert measured["ratio"] > 1.0
     assert not report.steps[1].touched
     assert "QuantizeLinear" not in fused_ops(out)
 
@@ -319,10 +321,8 @@ def test_conv_transpose_is_left_float_where_onnxruntime_has_no_int8_kernel() -> 
     assert "ConvTranspose" in result.skipped[0].reason or "ConvTranspose" in str(result.skipped)
 
 
-@pytest.mark.ort
-def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> None:
-    """onnxruntime's profiler names each fused kernel after the node it replaced (NCHWc convs
-    after their output), so every planned layer of the cnn gets a float and an int8 time."""
+def _cnn_candidates() -> tuple[gs.Graph, CandidateBuilder, dict[int, gs.Node], dict]:
+    """The sample cnn, a builder of its int8 candidates, its layers by index, one feed."""
     graph = io.load(SAMPLES / "cnn.onnx").graph
     feed = {"image": np.load(SAMPLES / "cnn.npz")["image"][0]}
     qparams = {}
@@ -331,7 +331,14 @@ def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> No
     for name in qplan.activations:  # wide ranges: the probe only times, numerics do not matter
         qparams[name] = qk.QParams(np.float32(0.05), np.uint8(128), "uint8")
     build = CandidateBuilder(graph, anchors, PlanOptions(), qparams, {}, WeightConfig(), "auto")
-    layers = {graph.nodes.index(a): a for a in qplan.anchors}
+    return graph, build, {graph.nodes.index(a): a for a in qplan.anchors}, feed
+
+
+@pytest.mark.ort
+def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> None:
+    """onnxruntime's profiler names each fused kernel after the node it replaced (NCHWc convs
+    after their output), so every planned layer of the cnn gets a float and an int8 time."""
+    graph, build, layers, feed = _cnn_candidates()
     files = build.files(tmp_path)
     with files.exported(graph, "f") as model:
         t_float = qdq_probe.layer_times(qdq_probe.node_times(model, feed, tmp_path), layers)
@@ -339,8 +346,8 @@ def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> No
         t_quant = qdq_probe.layer_times(qdq_probe.node_times(model, feed, tmp_path), layers)
     assert set(t_float) == set(layers) and set(t_quant) == set(layers)
     assert all(v > 0 for v in [*t_float.values(), *t_quant.values()])
-    gains = layer_gains(build, layers, feed, tmp_path)
-    assert set(gains) == set(layers)
+    gains, ratio = layer_gains(build, layers, feed, tmp_path)
+    assert set(gains) == set(layers) and ratio > 0
     # profiles are removed; the float graph and the full candidate stay for reuse, once each
     models = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".onnx")
     assert models == ["kept0.onnx", "kept1.onnx"]
@@ -349,10 +356,32 @@ def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> No
 
 
 @pytest.mark.ort
+def test_probe_charges_each_layer_for_the_kernels_around_it(tmp_path: Path) -> None:
+    """int8 adds kernels a layer's own time leaves out (the Q/DQ pairs at its edges, the
+    activations float had fused into it): each is charged to a layer, so that a layer's gain is
+    what the model saves, and only onnxruntime's own layout kernels stay uncharged."""
+    graph, build, layers, feed = _cnn_candidates()
+    with build.files(tmp_path).exported(build(frozenset()), "q") as model:
+        times = qdq_probe.node_times(model, feed, tmp_path)
+    owner = qdq_probe.regions(graph, layers)
+    qdq = [n for n in times if n.split("/", 1)[0].rsplit("_token_", 1)[0].endswith(
+        ("_QuantizeLinear", "_DequantizeLinear"))]
+    assert qdq  # the image is quantized and the logits dequantized, at least
+    assert all(owner[n.split("/", 1)[0].rsplit("_token_", 1)[0]] in layers for n in qdq)
+    alone = qdq_probe.layer_times(times, layers)
+    charged = qdq_probe.layer_times(times, layers, graph)
+    extra = sum(times[n] for n in qdq)
+    assert sum(charged.values()) >= sum(alone.values()) + extra - 1e-6
+    # every node of the float graph after the first layer has an owner
+    first = min(layers)
+    assert all(n.name in owner for n in graph.nodes[first:])
+
+
+@pytest.mark.ort
 def test_guard_checks_speed_before_paying_for_the_accuracy_search(tmp_path: Path) -> None:
     """The sample cnn is far too small for int8 to pay (about 1.6x slower at one thread): with
-    guard = "both" the probe times every layer, the latency guard drops the layers int8 slows
-    down, still finds no faster set and leaves the model in float with no accuracy run."""
+    guard = "both" the probe times every layer (then either finds each one slower in int8 or
+    the latency guard finds no faster set) and leaves the model in float with no accuracy run."""
     step = {"pass": "quant.qdq", "params": {"guard": "both"}}
     out = tmp_path / "cnn.onnx"
     report = compress("cnn", [CLEANUP, step], out, min_cosine=0.99)
