@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink import pipeline
-from onnxshrink.errors import OnnxShrinkError, OutputError, PassError, SampleError
+from onnxshrink.errors import ModelError, OnnxShrinkError, OutputError, PassError, SampleError
 from onnxshrink.ir import io
 from onnxshrink.ir.stats import size_report
 from onnxshrink.passes.base import Context
@@ -131,6 +131,11 @@ def compress(
     out_path = Path(output) if output is not None else default_output(model_path)
     _check_output(model_path, out_path)
     loaded = io.load(model_path)
+    if loaded.info.opset < the_recipe.min_opset:
+        raise ModelError(
+            f"{model_path}: opset {loaded.info.opset} is below recipe '{the_recipe.name}''s "
+            f"min_opset {the_recipe.min_opset} (onnx.version_converter can upgrade it)"
+        )
     timings["load_s"] = time.perf_counter() - t0
     feeds = (  # samples given calibrate the passes even when validation is off
         load_feeds(loaded.proto, loaded.graph, samples, the_recipe, dims=dims, model=model_path)

@@ -272,6 +272,16 @@ def test_recipe_is_checked_before_the_model(ws: Workspace) -> None:
                   "unknown pass")
 
 
+def test_model_below_the_recipes_min_opset_is_refused(ws: Workspace) -> None:
+    """A recipe states the oldest opset it is written for: an older model is refused (exit 4)
+    before any pass runs, naming both versions."""
+    recipe = ws.model.parent / "new.toml"
+    recipe.write_text(
+        'schema = 1\n[recipe]\nname = "new"\nmin_opset = 99\n[[step]]\npass = "graph.cleanup"\n'
+    )
+    check_refusal(ws, [ws.model, "-r", recipe, "-o", ws.out], MODEL, "min_opset 99")
+
+
 def test_missing_recipe_is_refused(ws: Workspace) -> None:
     """A recipe path that does not exist (or a shipped name that is unknown)."""
     check_refusal(ws, [ws.model, "-r", ws.root / "nope.toml", "-o", ws.out], RECIPE, "not found")

@@ -85,6 +85,8 @@ class Recipe:
     name: str
     steps: tuple[Step, ...]
     description: str = ""
+    #: The oldest default-domain opset the recipe is written for: older models are refused
+    #: before any pass runs (api.compress raises ModelError), not half compressed.
     min_opset: int = 1
     validate: ValidationSpec = ValidationSpec()
     source: str = "<memory>"
