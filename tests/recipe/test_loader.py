@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 
 from onnxshrink import pipeline
-from onnxshrink.errors import ParamError, RuleError
+from onnxshrink.errors import ParamError, PreconditionError, RuleError
+from onnxshrink.passes.base import Context
 from onnxshrink.recipe.loader import load_recipe, parse_recipe, shipped_names
-from onnxshrink.recipe.schema import Selector
+from onnxshrink.recipe.schema import Recipe, Selector
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -30,6 +33,34 @@ def test_shipped_recipes_load_and_plan(name: str) -> None:
     recipe = load_recipe(name)
     assert recipe.steps
     assert pipeline.plan(recipe).steps
+
+
+def _refusals(recipe: Recipe, opset: int) -> list[str]:
+    """The passes of `recipe` that refuse a small MatMul graph at `opset`."""
+    x = gs.Variable("x", np.float32, [1, 64])
+    w = gs.Constant("w", np.ones((64, 64), np.float32))
+    y = gs.Variable("y", np.float32, [1, 64])
+    refused = []
+    for step in pipeline.plan(recipe).steps:
+        graph = gs.Graph([gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])], [x], [y],
+                         opset=opset)
+        try:
+            step.pass_obj.requires(graph, Context(model_path=Path("m.onnx"), opset=opset))
+        except PreconditionError:
+            refused.append(step.label)
+    return refused
+
+
+@pytest.mark.parametrize("name", shipped_names())
+def test_shipped_min_opset_is_exactly_what_the_passes_need(name: str) -> None:
+    """min_opset refuses older models outright, so a shipped recipe that declares one claims
+    what its passes need and no more: all accept a graph at that opset (raising it themselves
+    where they must), and one refuses the opset below. Recipes without one (default, lossless)
+    take any model, and a step that cannot run on it is skipped with the reason."""
+    recipe = load_recipe(name)
+    if recipe.min_opset > 1:
+        assert _refusals(recipe, recipe.min_opset) == []
+        assert _refusals(recipe, recipe.min_opset - 1)
 
 
 @pytest.mark.parametrize(
