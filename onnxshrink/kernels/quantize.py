@@ -75,6 +75,9 @@ class QParams:
     dtype: str
     axis: int | None = None
     block_size: int | None = None
+    #: Codes stay within one bit fewer (`qrange`): clipped there, not at the container's limits
+    #: (a clipped 7-bit weight would otherwise round past 63 and saturate u8s8 kernels).
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.axis is None:
@@ -132,7 +135,8 @@ def _expand(
 
 def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     """``saturate(rint(x / scale) + zero_point)`` in the container dtype of ``qp.dtype``."""
-    qmin, qmax, ctype = _TYPES[qp.dtype]
+    ctype = _TYPES[qp.dtype][2]
+    qmin, qmax = qrange(qp.dtype, reduce_range=qp.reduce_range)
     scale = _expand(np.asarray(qp.scale, np.float32), x.shape, qp.axis, qp.block_size)
     zp = _expand(np.asarray(qp.zero_point), x.shape, qp.axis, qp.block_size)
     q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zp.astype(np.float32)
@@ -202,7 +206,8 @@ def weight_qparams(
         lo * clip_ratio, hi * clip_ratio, dtype, symmetric=symmetric, reduce_range=reduce_range
     )
     return QParams(
-        scale, zp, dtype, axis if axis is None else axis % max(np.ndim(w), 1), block_size
+        scale, zp, dtype, axis if axis is None else axis % max(np.ndim(w), 1), block_size,
+        reduce_range,
     )
 
 
@@ -248,7 +253,9 @@ def mse_weight_qparams(
     scale, zp = choose_qparams(
         lo * best_ratio, hi * best_ratio, dtype, symmetric=symmetric, reduce_range=reduce_range
     )
-    return QParams(scale, zp, dtype, axis if axis is None else axis % max(w.ndim, 1), block_size)
+    return QParams(
+        scale, zp, dtype, axis if axis is None else axis % max(w.ndim, 1), block_size, reduce_range
+    )
 
 
 def _group_sq_error(

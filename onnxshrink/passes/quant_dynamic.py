@@ -36,6 +36,8 @@ class DynamicQuantParams(PassParams):
     #: u8s8 kernels without VNNI saturate int16 pair sums; uint8 weights (zero point 128) use
     #: the u8u8 kernels that do not. int8 is faster where that saturation cannot happen.
     weight_dtype: Literal["uint8", "int8"] = "uint8"
+    #: 7-bit int8 weights: the u8s8 kernels' int16 pair sums cannot saturate.
+    reduce_range: bool = False
     per_channel: bool = True
     #: Clip weight ranges to minimize rounding error instead of using min/max.
     weight_calibration: Literal["minmax", "mse"] = "minmax"
@@ -166,7 +168,8 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
         p = self.params
         axis = 1 if p.per_channel else None
         choose = qk.mse_weight_qparams if p.weight_calibration == "mse" else qk.weight_qparams
-        qp = choose(job.weight, p.weight_dtype, axis=axis, symmetric=True)
+        qp = choose(job.weight, p.weight_dtype, axis=axis, symmetric=True,
+                    reduce_range=p.reduce_range)
         qw = qk.quantize(job.weight, qp)
         scale = np.asarray(qp.scale, np.float32) * np.float32(job.alpha)
         base = job.weight_name

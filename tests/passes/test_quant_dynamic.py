@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from tests.passes.quant_support import compress, fused_ops, worst_cosine
 
@@ -54,6 +56,24 @@ def test_int8_weights_are_an_option(tmp_path: Path) -> None:
         "mlp", [CLEANUP, {"pass": "quant.dynamic", "params": {"weight_dtype": "int8"}}], out
     )
     assert worst_cosine(report) > 0.95
+    assert fused_ops(out)["DynamicQuantizeMatMul"] == 3
+
+
+@pytest.mark.ort
+def test_reduced_range_weights_stay_within_7_bits(tmp_path: Path) -> None:
+    """reduce_range: int8 weights in [-64, 63] even where MSE clipping cuts outliers, so that x86
+    u8s8 kernels without VNNI cannot saturate their int16 pair sums (255 * 64 * 2 < 32768),
+    still fused by onnxruntime."""
+    out = tmp_path / "m.onnx"
+    params = {"weight_dtype": "int8", "reduce_range": True, "weight_calibration": "mse"}
+    report = compress("mlp", [CLEANUP, {"pass": "quant.dynamic", "params": params}], out)
+    assert worst_cosine(report) > 0.95
+    weights = [
+        numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2  # not the zero points
+    ]
+    assert len(weights) == 3
+    assert min(int(w.min()) for w in weights) >= -64 and max(int(w.max()) for w in weights) <= 63
     assert fused_ops(out)["DynamicQuantizeMatMul"] == 3
 
 
