@@ -236,10 +236,22 @@ def spawn(job: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], float]:
     return result, result.get("rss_mb", float("nan"))
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux's ru_maxrss carries over exec the resident size of
+    the forked copy of the parent (this harness, which holds the samples), so it reads VmHWM,
+    the peak of the image the job itself runs in; ru_maxrss elsewhere."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_main(job_json: str) -> None:
     """Entry point of a job process: print the result with this process's peak RSS."""
     result = run_job(json.loads(job_json))
-    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["rss_mb"] = peak_rss_mb()
     print(json.dumps(result, default=str))
 
 
