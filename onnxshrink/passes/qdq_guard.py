@@ -544,17 +544,16 @@ def layer_gains(
     if not layers:
         return {}, 1.0
     files = build.files(workdir)
-    totals: list[float] = []
 
-    def charged(graph: gs.Graph, stem: str) -> dict[int, float]:
+    def charged(graph: gs.Graph, stem: str) -> tuple[dict[int, float], float]:
+        """Time charged to each layer, and the total kernel time."""
         with files.exported(graph, stem) as model:
             times = qdq_probe.node_times(model, feed, workdir)
-        totals.append(sum(times.values()))
-        return qdq_probe.layer_times(times, layers, build.graph)
+        return qdq_probe.layer_times(times, layers, build.graph), sum(times.values())
 
-    t_float = charged(build.graph, "probe_float")
-    t_quant = charged(build(frozenset()), "probe_quant")
-    ratio = totals[1] / totals[0] if totals[0] > 0 else 1.0
+    t_float, total_float = charged(build.graph, "probe_float")
+    t_quant, total_quant = charged(build(frozenset()), "probe_quant")
+    ratio = total_quant / total_float if total_float > 0 else 1.0
     macs = {k: layer_macs(n) for k, n in layers.items()}
     gains = {k: t_float[k] - t_quant[k] for k in layers if k in t_float and k in t_quant}
     measured_macs = sum(macs[k] for k in gains)

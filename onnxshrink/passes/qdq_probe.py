@@ -96,11 +96,16 @@ def layer_times(
     for name, ms in times.items():
         k = owner.get(name)
         if k is None:
-            base = name.split("/", 1)[0].rsplit("_token_", 1)[0]
-            k = owner.get(base)
+            k = owner.get(base_name(name))
         if k is not None:
             out[k] = out.get(k, 0.0) + ms
     return out
+
+
+def base_name(kernel: str) -> str:
+    """The node name a profiled kernel stands for: onnxruntime suffixes the nodes it makes
+    from ours (``<name>_token_<n>`` after fusion, ``<name>/duplicated`` for shared DQs)."""
+    return kernel.split("/", 1)[0].rsplit("_token_", 1)[0]
 
 
 def regions(graph: gs.Graph, layers: dict[int, gs.Node]) -> dict[str, int]:
@@ -112,10 +117,11 @@ def regions(graph: gs.Graph, layers: dict[int, gs.Node]) -> dict[str, int]:
     input); a layer's input that no layer makes (a graph input) is charged to the layer.
     Kernels onnxruntime adds itself (layout reorders, transposes) stay uncharged."""
     position = {id(n): i for i, n in enumerate(graph.nodes)}
-    node_owner = {id(n): k for k, n in layers.items()}
+    layer_of = {id(n): k for k, n in layers.items()}
     tensor_owner: dict[str, int] = {}
+    names: dict[str, int] = {}
     for node in graph.nodes:
-        k = node_owner.get(id(node))
+        k = layer_of.get(id(node))
         if k is None:
             made = [
                 (position.get(id(t.inputs[0]), -1), tensor_owner[t.name])
@@ -125,19 +131,13 @@ def regions(graph: gs.Graph, layers: dict[int, gs.Node]) -> dict[str, int]:
             if not made:
                 continue
             k = max(made)[1]
-            node_owner[id(node)] = k
+        names[node.name] = k
         for t in node.outputs:
             tensor_owner[t.name] = k
+            names[f"{t.name}_nchwc"] = k
     for k, node in layers.items():  # its weights, bias and unowned inputs
         for t in node.inputs:
             tensor_owner.setdefault(t.name, k)
-    names: dict[str, int] = {}
-    for node in graph.nodes:
-        k = node_owner.get(id(node))
-        if k is not None:
-            names[node.name] = k
-            for t in node.outputs:
-                names[f"{t.name}_nchwc"] = k
     for t, k in tensor_owner.items():
         names[f"{t}_QuantizeLinear"] = k
         names[f"{t}_DequantizeLinear"] = k
