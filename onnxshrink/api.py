@@ -163,7 +163,7 @@ def compress(
         report.steps = pipeline.execute(the_plan, loaded.graph, ctx, after_step=hook)
         timings["passes_s"] = time.perf_counter() - t1
         candidate = Path(tmp) / out_path.name
-        _write(loaded.graph, loaded.info, candidate)
+        written = _write(loaded.graph, loaded.info, candidate)
         if validate and feeds is not None:
             t2 = time.perf_counter()
             report.numerics = validate_paths(
@@ -171,7 +171,7 @@ def compress(
                 config=session_config(report.steps),
             )
             timings["validate_s"] = time.perf_counter() - t2
-        report.after = size_report(candidate)
+        report.after = size_report(candidate, written)
         if report.ok or keep_failed:
             _move_into_place(candidate, out_path)
             report.output = str(out_path)
@@ -190,7 +190,8 @@ def session_config(steps: list[StepReport]) -> dict[str, str]:
     return config
 
 
-def _write(graph: gs.Graph, info: io.ModelInfo, path: Path) -> None:
+def _write(graph: gs.Graph, info: io.ModelInfo, path: Path) -> onnx.ModelProto:
+    """Export, check and save `graph`; the proto as saved (external data references set)."""
     try:
         proto = io.to_model(graph, info)
     except Exception as e:  # gs export errors are bugs in a pass, but still one clear line
@@ -200,6 +201,7 @@ def _write(graph: gs.Graph, info: io.ModelInfo, path: Path) -> None:
     except OnnxShrinkError as e:
         raise PassError(f"the compressed model is invalid (a pass bug, please report): {e}") from e
     io.save(proto, path, external_data=True if info.external_data else None)
+    return proto
 
 
 def _move_into_place(candidate: Path, out_path: Path) -> None:

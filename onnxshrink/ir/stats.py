@@ -25,9 +25,9 @@ GZIP_SAMPLE_CHUNKS = 16
 GZIP_CHUNK = 256 << 10
 
 
-def gzip_size(path: Path) -> tuple[int, bool]:
+def gzip_size(path: Path, model: onnx.ModelProto | None = None) -> tuple[int, bool]:
     """Bytes of the model file (and its external data) after gzip -9, and whether estimated."""
-    parts = [path, *_external_files(path)]
+    parts = [path, *_external_files(path, model)]
     total_bytes = sum(p.stat().st_size for p in parts)
     if total_bytes <= GZIP_EXACT_LIMIT:
         return sum(_gzip_exact(p) for p in parts), False
@@ -74,8 +74,10 @@ def _gzip_estimate(part: Path) -> int:
     return round(size * packed / raw)
 
 
-def _external_files(path: Path) -> list[Path]:
-    model = onnx.load_model(str(path), load_external_data=False)
+def _external_files(path: Path, model: onnx.ModelProto | None = None) -> list[Path]:
+    """The external data files `model` (loaded from `path` when not given) refers to."""
+    if model is None:
+        model = onnx.load_model(str(path), load_external_data=False)
     files = set()
     for graph in io.iter_all_graphs(model):
         for t in graph.initializer:
@@ -111,8 +113,10 @@ def size_report(path: Path, model: onnx.ModelProto | None = None) -> SizeReport:
         for t in graph.initializer:
             by_dtype[dtype_name(t.data_type)] += payload_bytes(t)
             params += int(np.prod(t.dims)) if t.dims else 1
-    file_bytes = path.stat().st_size + sum(p.stat().st_size for p in _external_files(path))
-    gzip_bytes, gzip_estimated = gzip_size(path)
+    file_bytes = path.stat().st_size + sum(
+        p.stat().st_size for p in _external_files(path, model)
+    )
+    gzip_bytes, gzip_estimated = gzip_size(path, model)
     return SizeReport(
         file_bytes=file_bytes,
         gzip_bytes=gzip_bytes,

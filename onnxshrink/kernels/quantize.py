@@ -155,8 +155,28 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
 
 
 def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    """Quantize then dequantize: what a Q/DQ pair does to `x`."""
-    return dequantize(quantize(x, qp), qp)
+    """Quantize then dequantize: what a Q/DQ pair does to `x`.
+
+    Stays in float32 (codes of up to 16 bits and their difference with the zero point are
+    exact there), so it equals ``dequantize(quantize(x, qp), qp)`` without two integer casts.
+    """
+    qmin, qmax = qrange(qp.dtype, reduce_range=qp.reduce_range)
+    scale = _expand(np.asarray(qp.scale, np.float32), np.shape(x), qp.axis, qp.block_size)
+    zp = _expand(np.asarray(qp.zero_point), np.shape(x), qp.axis, qp.block_size)
+    return _fake(np.asarray(x, dtype=np.float32), scale, zp.astype(np.float32), qmin, qmax)
+
+
+def _fake(
+    x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: float, qmax: float
+) -> np.ndarray:
+    """``(clip(rint(x / scale) + zp) - zp) * scale`` in float32, with broadcast parameters."""
+    q = np.divide(x, scale)
+    np.rint(q, out=q)
+    q += zp
+    np.clip(q, qmin, qmax, out=q)
+    q -= zp
+    q *= scale
+    return q
 
 
 def _blocked_view(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, int]:
@@ -228,48 +248,54 @@ def mse_weight_qparams(
     otherwise waste most of the 16 levels.
     """
     w = np.asarray(w, dtype=np.float32)
-    ratios = np.linspace(0.5, 1.0, 21) if ratios is None else np.asarray(ratios)
-    best_err: np.ndarray | None = None
-    best_ratio: np.ndarray | None = None
-    for r in ratios:
-        qp = weight_qparams(
-            w,
-            dtype,
-            axis=axis,
-            block_size=block_size,
-            symmetric=symmetric,
+    if w.size == 0:
+        return weight_qparams(
+            w, dtype, axis=axis, block_size=block_size, symmetric=symmetric,
             reduce_range=reduce_range,
-            clip_ratio=float(r),
         )
-        err = _group_sq_error(w, fake_quantize(w, qp), axis, block_size)
-        if best_err is None or best_ratio is None:
-            best_err, best_ratio = err, np.full(err.shape, r)
-        else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_ratio = np.where(better, r, best_ratio)
-    assert best_ratio is not None
-    lo, hi = weight_range(w, axis, block_size)
+    ratios = np.linspace(0.5, 1.0, 21) if ratios is None else np.asarray(ratios)
+    groups, shape = _groups(w, axis, block_size)
+    lo, hi = groups.min(axis=1), groups.max(axis=1)  # block padding is 0: ranges contain 0
+    qmin, qmax = qrange(dtype, reduce_range=reduce_range)
+    best_err = np.full(lo.shape, np.inf)
+    best_ratio = np.ones(lo.shape)
+    for r in ratios:
+        scale, zp = choose_qparams(
+            lo * r, hi * r, dtype, symmetric=symmetric, reduce_range=reduce_range
+        )
+        wq = _fake(groups, scale[:, None], zp.astype(np.float32)[:, None], qmin, qmax)
+        wq -= groups
+        err = np.einsum("ij,ij->i", wq, wq)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_ratio = np.where(better, r, best_ratio)
     scale, zp = choose_qparams(
-        lo * best_ratio, hi * best_ratio, dtype, symmetric=symmetric, reduce_range=reduce_range
+        (lo * best_ratio).reshape(shape),
+        (hi * best_ratio).reshape(shape),
+        dtype,
+        symmetric=symmetric,
+        reduce_range=reduce_range,
     )
     return QParams(
         scale, zp, dtype, axis if axis is None else axis % max(w.ndim, 1), block_size, reduce_range
     )
 
 
-def _group_sq_error(
-    w: np.ndarray, wq: np.ndarray, axis: int | None, block_size: int | None
-) -> np.ndarray:
-    """Squared error summed per quantization group (tensor, channel or block)."""
-    d = (w - wq) ** 2
+def _groups(
+    w: np.ndarray, axis: int | None, block_size: int | None
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """`w` as [groups, members] (one row per scale), and the shape of `weight_range`'s output.
+
+    Blocks are zero padded, which changes no range: every quantized range contains 0.
+    """
     if axis is None:
-        return np.asarray(d.sum())
+        return w.reshape(1, -1), ()
     axis = axis % w.ndim
     if block_size is None:
-        return d.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
-    view, _ = _blocked_view(d, axis, block_size)
-    return view.sum(axis=axis + 1)
+        return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), (w.shape[axis],)
+    view, _ = _blocked_view(w, axis, block_size)
+    shape = view.shape[: axis + 1] + view.shape[axis + 2 :]
+    return np.moveaxis(view, axis + 1, -1).reshape(-1, block_size), shape
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> QParams:

@@ -393,5 +393,6 @@ def _dtype(t: gs.Tensor) -> np.dtype | None:
 
 def _rel_error(w: np.ndarray, wq: np.ndarray) -> float:
     """Relative RMS error of the dequantized table (reported per Gather)."""
-    denom = max(float(np.sqrt(np.mean(w.astype(np.float64) ** 2))), 1e-30)
-    return round(float(np.sqrt(np.mean((w - wq).astype(np.float64) ** 2))) / denom, 6)
+    ref2 = float(np.sum(np.square(w, dtype=np.float32), dtype=np.float64))
+    err2 = float(np.sum(np.square(w - wq, dtype=np.float32), dtype=np.float64))
+    return round(float(np.sqrt(err2 / max(ref2, 1e-60))), 6)

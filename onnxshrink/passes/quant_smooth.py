@@ -123,7 +123,7 @@ def smooth(
             for node in group.linears:
                 result.skip(node, why)
             continue
-        s = _factors(absmax, group.linears, alpha)
+        s = _factors(absmax, _weight_absmax(group.linears), alpha)
         _apply(group, s, names, graph)
         alphas[name] = alpha
         for node in group.linears:
@@ -204,9 +204,13 @@ def _rows(node: gs.Node) -> np.ndarray:
     return w.T if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w
 
 
-def _factors(act_absmax: np.ndarray, linears: list[gs.Node], alpha: float) -> np.ndarray:
+def _weight_absmax(linears: list[gs.Node]) -> np.ndarray:
+    """Largest |W| per input channel over every linear reading the input."""
+    return np.max([np.abs(_rows(n)).max(axis=1) for n in linears], axis=0)
+
+
+def _factors(act_absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     """SmoothQuant factors per input channel, shared by every linear reading the input."""
-    wmax = np.max([np.abs(_rows(n)).max(axis=1) for n in linears], axis=0)
     if np.shape(act_absmax) != wmax.shape:
         return np.ones_like(wmax)
     return qk.smooth_factors(act_absmax, wmax, alpha)
@@ -220,11 +224,11 @@ def _choose_alpha(
     weights = [_rows(n).astype(np.float32) for n in group.linears]
     if rows.shape[1] != weights[0].shape[0]:
         return None
+    wmax = _weight_absmax(group.linears)
     refs = [rows.astype(np.float32) @ w for w in weights]  # float products, shared by the grid
     best, best_err = None, qk.smoothed_int8_error(rows, weights, np.ones(rows.shape[1]), refs)
     for alpha in p.alpha_grid:
-        s = _factors(absmax, group.linears, alpha)
-        err = qk.smoothed_int8_error(rows, weights, s, refs)
+        err = qk.smoothed_int8_error(rows, weights, _factors(absmax, wmax, alpha), refs)
         if err < best_err:
             best, best_err = alpha, err
     return best
