@@ -51,8 +51,6 @@ def check_whole(
 ) -> WholeVerdict:
     """Speed first (one timing), then accuracy on every sample (hardest first)."""
     files = ModelFiles(workdir)
-    files.keep(before)  # each is run for timing, then for accuracy: exported once
-    files.keep(after)
     stats: dict[str, Any] = {"tolerance": tolerance.to_dict()}
     if feeds:
         base = latency(before, files, "whole_float")
