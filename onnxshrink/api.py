@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink import pipeline
+from onnxshrink import pipeline, runtime
 from onnxshrink.errors import ModelError, OnnxShrinkError, OutputError, PassError, SampleError
 from onnxshrink.ir import io
 from onnxshrink.ir.stats import size_report
@@ -123,6 +123,30 @@ def compress(
     (the output is then not written unless `keep_failed`). Raises `OnnxShrinkError` subclasses
     for bad input, with the input untouched and no output file left behind.
     """
+    try:
+        return _compress(
+            model, recipe, output, samples=samples, seed=seed, validate=validate, dims=dims,
+            check_each_step=check_each_step, ort_opt=ort_opt, report_path=report_path,
+            keep_failed=keep_failed,
+        )
+    finally:  # the sessions share one arena: give its memory back to the caller's process
+        runtime.release_shared_arena()
+
+
+def _compress(
+    model: str | os.PathLike[str],
+    recipe: Recipe | str | os.PathLike[str] | None,
+    output: str | os.PathLike[str] | None,
+    *,
+    samples: str | os.PathLike[str] | None,
+    seed: int,
+    validate: bool,
+    dims: dict[str, int] | None,
+    check_each_step: bool,
+    ort_opt: OptLevel,
+    report_path: str | os.PathLike[str] | None,
+    keep_failed: bool,
+) -> RunReport:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     the_recipe = _recipe(recipe)
