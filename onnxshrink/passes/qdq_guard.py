@@ -97,7 +97,7 @@ class Evaluator:
     breaks the tolerance on the first `early` samples is rejected without running the rest.
     Worst-sample bounds (cosine, max_abs) are exact on any subset; pooled ones (rel L2, SNR)
     are judged on the subset, a conservative reading. A candidate is accepted only on all
-    samples.
+    samples. `session` runs the float graph for the reference when the caller has one.
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class Evaluator:
         tolerance: Tolerance,
         early: int = 4,
         files: ModelFiles | None = None,
+        session: Any = None,
     ) -> None:
         self.graph = graph
         self.feeds = feeds  # a lazy sequence stays lazy: one sample in memory at a time
@@ -116,7 +117,7 @@ class Evaluator:
         self.early = early
         self.files = files or ModelFiles(workdir)
         self.output_names = [t.name for t in graph.outputs]
-        sess = self._session(graph, "guard_ref")
+        sess = session if session is not None else self._session(graph, "guard_ref")
         self.reference = [sess.run(self.output_names, f) for f in self.feeds]
         del sess
         self.hard = list(range(len(self.feeds)))
@@ -128,10 +129,11 @@ class Evaluator:
         with self.files.exported(graph, stem) as model:
             return model.session(opt="all")
 
-    def failures(self, candidate: gs.Graph) -> list[str]:
-        """The tolerance bounds the candidate breaks (fused kernels, as deployed)."""
+    def failures(self, candidate: gs.Graph, session: Any = None) -> list[str]:
+        """The tolerance bounds the candidate breaks (fused kernels, as deployed; `session`:
+        one the caller already has on the candidate, with every fusion)."""
         self.runs += 1
-        sess = self._session(candidate, "guard")
+        sess = session if session is not None else self._session(candidate, "guard")
         got: dict[int, list[Any]] = {}
         bad: list[str] = []
         for batch in (self.hard[: self.early], self.hard[self.early :]):

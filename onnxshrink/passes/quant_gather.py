@@ -270,7 +270,7 @@ class GatherQuantPass(Pass[GatherQuantParams]):
         """Gather -> Cast -> [Sub] -> Mul on int8/uint8 codes; (bytes, error, granularity)."""
         p = self.params
         ftype = table.values.dtype
-        w = table.values.astype(np.float32)
+        w = np.asarray(table.values, dtype=np.float32)  # no copy of a float32 table
         qp = self._qparams(w, "int8" if p.symmetric else "uint8", table.axis, None, ftype)
         q = qk.quantize(w, qp)
         view = [1] * w.ndim
@@ -296,7 +296,7 @@ class GatherQuantPass(Pass[GatherQuantParams]):
         """com.microsoft GatherBlockQuantized on uint8 (or packed 4-bit) rows."""
         p = self.params
         ftype = table.values.dtype
-        w = table.values.astype(np.float32)
+        w = np.asarray(table.values, dtype=np.float32)  # no copy of a float32 table
         cols = w.shape[1]
         block = p.block_size or max(16, 1 << (cols - 1).bit_length())  # one block per row
         qp = self._qparams(w, "uint4" if p.bits == 4 else "uint8", 1, block, ftype)
@@ -393,6 +393,13 @@ def _dtype(t: gs.Tensor) -> np.dtype | None:
 
 def _rel_error(w: np.ndarray, wq: np.ndarray) -> float:
     """Relative RMS error of the dequantized table (reported per Gather)."""
-    ref2 = float(np.sum(np.square(w, dtype=np.float32), dtype=np.float64))
-    err2 = float(np.sum(np.square(w - wq, dtype=np.float32), dtype=np.float64))
+    ref2 = _sum_squares(w)
+    err2 = _sum_squares(np.subtract(w, wq, out=wq))  # wq is a temporary: reused
     return round(float(np.sqrt(err2 / max(ref2, 1e-60))), 6)
+
+
+def _sum_squares(a: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Sum of squares of a float32 array without a float64 copy (per-chunk dot products)."""
+    flat = a.ravel()
+    parts = (flat[i : i + chunk] for i in range(0, flat.size, chunk))
+    return sum(float(np.dot(part, part)) for part in parts)

@@ -220,17 +220,28 @@ def _choose_alpha(
     absmax: np.ndarray, rows: np.ndarray, group: _Group, p: SmoothQuantParams
 ) -> float | None:
     """The grid alpha with the lowest smoothed int8 error on the sampled rows (None: leaving
-    the input alone is better)."""
+    the input alone is better).
+
+    The grid is walked from its largest alpha down and the walk stops after two alphas in a
+    row that do not beat the best: the error is unimodal in alpha in practice (22 of MiniLM's
+    24 inputs; the other two dip at the top end) and transformers' optimum lies high (0.7-0.9
+    on all 24), so most walks stop after four or five of the seven products.
+    """
     weights = [_rows(n).astype(np.float32) for n in group.linears]
     if rows.shape[1] != weights[0].shape[0]:
         return None
     wmax = _weight_absmax(group.linears)
     refs = [rows.astype(np.float32) @ w for w in weights]  # float products, shared by the grid
     best, best_err = None, qk.smoothed_int8_error(rows, weights, np.ones(rows.shape[1]), refs)
-    for alpha in p.alpha_grid:
+    best_alpha_err, misses = np.inf, 0
+    for alpha in sorted(p.alpha_grid, reverse=True):
         err = qk.smoothed_int8_error(rows, weights, _factors(absmax, wmax, alpha), refs)
         if err < best_err:
             best, best_err = alpha, err
+        misses = 0 if err < best_alpha_err else misses + 1
+        best_alpha_err = min(best_alpha_err, err)
+        if misses == 2:
+            break
     return best
 
 
