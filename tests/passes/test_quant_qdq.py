@@ -207,6 +207,8 @@ def test_accuracy_guard_returns_the_fewest_sensitive_layers_to_float(tmp_path: P
     guard = report.steps[1].stats["guard"]
     assert [k["node"] for k in guard["kept_float"]] == ["head.fc"]
     assert guard["kept_float"][0]["error"] > 0
+    # all int8 (fails), then the most sensitive layer alone in float (holds): no search
+    assert guard["evaluations"] == 2
     assert report.ok and worst_cosine(report) >= 0.99
     ops = fused_ops(out)
     assert ops["QLinearConv"] == 8 and ops["Gemm"] == 1  # the head alone runs in float
