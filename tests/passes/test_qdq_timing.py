@@ -1,0 +1,72 @@
+"""When the latency guard stops timing: decided early, or after enough pairs to trust medians.
+
+The sessions here are stand-ins on a fake clock (each run advances it by a set time), so the
+stopping rule is tested exactly; the real timings are the benchmark's job.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from onnxshrink.passes import qdq_guard
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Session:
+    """Runs take the next of `times_ms` (cycled); the arena release run takes no time."""
+
+    def __init__(self, clock: _Clock, times_ms: list[float]) -> None:
+        self.clock = clock
+        self.times: Iterator[float] = itertools.cycle(times_ms)
+        self.runs = 0
+
+    def run(self, names: object, feed: object, options: object = None) -> list[object]:
+        if options is None:
+            self.clock.now += next(self.times) / 1e3
+            self.runs += 1
+        return []
+
+
+def _pairs(quant_ms: list[float], base_ms: list[float], monkeypatch: pytest.MonkeyPatch) -> int:
+    clock = _Clock()
+    monkeypatch.setattr(qdq_guard.time, "perf_counter", clock.perf_counter)
+    quant, base = _Session(clock, quant_ms), _Session(clock, base_ms)
+    qdq_guard.timed_ratio(quant, base, {}, threshold=0.95, budget_s=1.0)
+    return base.runs - 1  # one warm-up run each
+
+
+def test_a_ratio_far_from_the_threshold_stops_after_five_pairs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _pairs([50.0], [100.0], monkeypatch) == 5
+
+
+def test_pairs_that_agree_near_the_threshold_stop_at_seven(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """0.92 is within 10% of 0.95, but 7 of 7 pairs below it is beyond chance (p < 1%)."""
+    assert _pairs([92.0], [100.0], monkeypatch) == 7
+
+
+def test_noisy_pairs_near_the_threshold_take_at_least_fifteen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pairs on both sides of 0.95 decide nothing: 15 pairs (and the 1 s budget) at least."""
+    n = _pairs([90.0, 100.0], [100.0], monkeypatch)
+    assert n >= 15 and n * 0.195 >= 1.0
+
+
+def test_the_sign_test_tail() -> None:
+    assert qdq_guard._sign_test(7, 7) == pytest.approx(1 / 128)
+    assert qdq_guard._sign_test(5, 5) == pytest.approx(1 / 32)
+    assert qdq_guard._sign_test(0, 4) == pytest.approx(1.0)
