@@ -246,12 +246,15 @@ def mse_weight_qparams(
     symmetric: bool = True,
     reduce_range: bool = False,
     ratios: np.ndarray | None = None,
+    patience: int = 3,
 ) -> QParams:
     """Per-channel/block clipping ratio that minimizes the squared rounding error of `w`.
 
     Scans shrink ratios of the min-max range (vectorized over channels; one pass over the
     weight per candidate), which matters for 4-bit weights where one outlier per block would
-    otherwise waste most of the 16 levels.
+    otherwise waste most of the 16 levels. The scan goes from the full range down and stops
+    once no group has improved for `patience` ratios in a row: 8-bit weights barely clip
+    (MiniLM's 20736 channels all chose 0.975 or 1.0), so they stop after about five of the 21.
     """
     w = np.asarray(w, dtype=np.float32)
     if w.size == 0:
@@ -265,7 +268,10 @@ def mse_weight_qparams(
     qmin, qmax = qrange(dtype, reduce_range=reduce_range)
     best_err = np.full(lo.shape, np.inf)
     best_ratio = np.ones(lo.shape)
-    for r in ratios:
+    stale = np.zeros(lo.shape, np.int64)  # ratios since each group last improved
+    for r in np.sort(ratios)[::-1]:
+        if stale.min() >= patience:
+            break
         scale, zp = choose_qparams(
             lo * r, hi * r, dtype, symmetric=symmetric, reduce_range=reduce_range
         )
@@ -275,6 +281,7 @@ def mse_weight_qparams(
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_ratio = np.where(better, r, best_ratio)
+        stale = np.where(better, 0, stale + 1)
     scale, zp = choose_qparams(
         (lo * best_ratio).reshape(shape),
         (hi * best_ratio).reshape(shape),
