@@ -70,3 +70,17 @@ def test_the_sign_test_tail() -> None:
     assert qdq_guard._sign_test(7, 7) == pytest.approx(1 / 128)
     assert qdq_guard._sign_test(5, 5) == pytest.approx(1 / 32)
     assert qdq_guard._sign_test(0, 4) == pytest.approx(1.0)
+
+
+def test_layers_returned_to_float_for_accuracy_are_retimed_only_when_they_matter() -> None:
+    """A layer the probe says int8 saves 0.3 ms on cannot move a 120 ms model's timed ratio
+    beyond noise: not timed again. One that saves 3 ms (2.5%) is."""
+    report = qdq_guard.GuardReport(tolerance={}, latency={"float_ms": 120.0})
+    gains = {3: 0.3, 7: 3.0, 9: -2.0}
+    assert qdq_guard._below_resolution(frozenset({3}), gains, report)
+    assert qdq_guard._below_resolution(frozenset({3, 9}), gains, report)  # float is faster there
+    assert not qdq_guard._below_resolution(frozenset({7}), gains, report)
+    assert not qdq_guard._below_resolution(frozenset(), gains, report)
+    assert not qdq_guard._below_resolution(frozenset({3}), {}, report)  # no probe: retime
+    untimed = qdq_guard.GuardReport(tolerance={})
+    assert not qdq_guard._below_resolution(frozenset({3}), gains, untimed)
