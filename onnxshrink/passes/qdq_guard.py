@@ -663,9 +663,10 @@ def _below_resolution(
 ) -> bool:
     """Whether returning `more` to float cannot move the timed ratio measurably: what the probe
     says int8 saves on them is under 1% of the float time (timing the candidate again would
-    take 15 pairs near the threshold, 4 s on a 100 ms model, to measure noise)."""
+    take 15 pairs near the threshold, 4 s on a 100 ms model, to measure noise). Only what int8
+    saves counts: layers it made slower do not offset it (their probe readings are as noisy)."""
     float_ms = float(report.latency.get("float_ms", 0.0))
-    saved = sum(gains.get(k, 0.0) for k in more)
+    saved = sum(max(gains.get(k, 0.0), 0.0) for k in more)
     return bool(more) and bool(gains) and float_ms > 0 and saved < 0.01 * float_ms
 
 

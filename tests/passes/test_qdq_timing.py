@@ -80,6 +80,7 @@ def test_layers_returned_to_float_for_accuracy_are_retimed_only_when_they_matter
     assert qdq_guard._below_resolution(frozenset({3}), gains, report)
     assert qdq_guard._below_resolution(frozenset({3, 9}), gains, report)  # float is faster there
     assert not qdq_guard._below_resolution(frozenset({7}), gains, report)
+    assert not qdq_guard._below_resolution(frozenset({7, 9}), gains, report)  # no offsetting
     assert not qdq_guard._below_resolution(frozenset(), gains, report)
     assert not qdq_guard._below_resolution(frozenset({3}), {}, report)  # no probe: retime
     untimed = qdq_guard.GuardReport(tolerance={})
