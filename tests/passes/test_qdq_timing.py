@@ -85,3 +85,33 @@ def test_layers_returned_to_float_for_accuracy_are_retimed_only_when_they_matter
     assert not qdq_guard._below_resolution(frozenset({3}), {}, report)  # no probe: retime
     untimed = qdq_guard.GuardReport(tolerance={})
     assert not qdq_guard._below_resolution(frozenset({3}), gains, untimed)
+
+
+def test_the_gate_retries_with_a_quarter_of_the_layers_still_int8(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """12 of 20 layers are slower in int8 (back to float at once); the other 8 time 0.97x.
+    The retry returns a quarter of those 8 (the 2 that save least), not a quarter of all 20
+    (5 of the 8 left, after which too little was int8 to be faster)."""
+    gains = dict.fromkeys(range(12), -1.0) | {12 + i: 0.1 * (i + 1) for i in range(8)}
+    ratio_by_int8 = {8: 0.97, 6: 0.93}
+
+    class Build:
+        def files(self, workdir: object) -> None:
+            return None
+
+        def __call__(self, excluded: frozenset[int]) -> frozenset[int]:
+            return excluded
+
+    def timed(quant: frozenset[int], base: object, feed: object, max_ratio: float) -> tuple:
+        ratio = ratio_by_int8.get(20 - len(quant), 1.0)
+        return ratio * 100.0, 100.0, ratio
+
+    monkeypatch.setattr(qdq_guard, "latency", lambda graph, files, stem: graph)
+    monkeypatch.setattr(qdq_guard, "timed_ratio", timed)
+    report = qdq_guard.GuardReport(tolerance={})
+    kept = qdq_guard.latency_guard(
+        Build(), frozenset(), frozenset(), gains, {}, tmp_path, report, max_ratio=0.95  # type: ignore[arg-type]
+    )
+    assert kept == frozenset(range(14))  # the slower 12, then the 2 that save least
+    assert report.latency["ratio"] == 0.93 and report.gave_up is None
