@@ -7,6 +7,7 @@ before it moves into place, so a failed run never leaves a partial or unvalidate
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec
 
 import numpy as np
 import onnx
@@ -103,6 +105,23 @@ def load_feeds(
         raise SampleError(f"{model}: {e}") from e
 
 
+_P = ParamSpec("_P")
+
+
+def _releasing_arena(fn: Callable[_P, RunReport]) -> Callable[_P, RunReport]:
+    """The sessions share one arena: give its memory back to the caller's process after."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> RunReport:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            runtime.release_shared_arena()
+
+    return wrapper
+
+
+@_releasing_arena
 def compress(
     model: str | os.PathLike[str],
     recipe: Recipe | str | os.PathLike[str] | None = None,
@@ -123,30 +142,6 @@ def compress(
     (the output is then not written unless `keep_failed`). Raises `OnnxShrinkError` subclasses
     for bad input, with the input untouched and no output file left behind.
     """
-    try:
-        return _compress(
-            model, recipe, output, samples=samples, seed=seed, validate=validate, dims=dims,
-            check_each_step=check_each_step, ort_opt=ort_opt, report_path=report_path,
-            keep_failed=keep_failed,
-        )
-    finally:  # the sessions share one arena: give its memory back to the caller's process
-        runtime.release_shared_arena()
-
-
-def _compress(
-    model: str | os.PathLike[str],
-    recipe: Recipe | str | os.PathLike[str] | None,
-    output: str | os.PathLike[str] | None,
-    *,
-    samples: str | os.PathLike[str] | None,
-    seed: int,
-    validate: bool,
-    dims: dict[str, int] | None,
-    check_each_step: bool,
-    ort_opt: OptLevel,
-    report_path: str | os.PathLike[str] | None,
-    keep_failed: bool,
-) -> RunReport:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     the_recipe = _recipe(recipe)

@@ -32,7 +32,7 @@ def _shared_arena() -> bool:
     Each session otherwise grows its own arena, by powers of two, to its largest run and keeps
     it while alive. The passes build sessions one after another (profiles, timing, calibration,
     the guard's candidates), so one arena that grows by what is requested serves them all.
-    Measured on the 640x640 detector's default: 376-392 -> 303-312 MB peak (calibration had
+    Measured on the 640x640 detector's default: 376-392 -> 303-324 MB peak (calibration had
     pinned a private arena of about twice its 110 MB of activations); MiniLM, the recognizer
     and the classifier the same or lower, at the same speed. (An earlier version of the
     guard fragmented a shared arena; that was before the range probe's ordering and without

@@ -139,11 +139,8 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     qmin, qmax = qrange(qp.dtype, reduce_range=qp.reduce_range)
     scale = _expand(np.asarray(qp.scale, np.float32), x.shape, qp.axis, qp.block_size)
     zp = _expand(np.asarray(qp.zero_point), x.shape, qp.axis, qp.block_size)
-    q = np.divide(np.asarray(x, dtype=np.float32), scale, dtype=np.float32)
-    np.rint(q, out=q)  # in place: one float32 temporary, not three (a 47 MB embedding table)
-    q += zp.astype(np.float32)
-    np.clip(q, qmin, qmax, out=q)
-    return q.astype(ctype)
+    codes = _codes(np.asarray(x, dtype=np.float32), scale, zp.astype(np.float32), qmin, qmax)
+    return codes.astype(ctype)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
@@ -172,14 +169,23 @@ def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     return _fake(np.asarray(x, dtype=np.float32), scale, zp.astype(np.float32), qmin, qmax)
 
 
+def _codes(
+    x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: float, qmax: float
+) -> np.ndarray:
+    """``clip(rint(x / scale) + zp)`` as float32, in place: one temporary the size of `x`,
+    not three (a 47 MB embedding table)."""
+    q = np.divide(x, scale, dtype=np.float32)
+    np.rint(q, out=q)
+    q += zp
+    np.clip(q, qmin, qmax, out=q)
+    return q
+
+
 def _fake(
     x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: float, qmax: float
 ) -> np.ndarray:
     """``(clip(rint(x / scale) + zp) - zp) * scale`` in float32, with broadcast parameters."""
-    q = np.divide(x, scale)
-    np.rint(q, out=q)
-    q += zp
-    np.clip(q, qmin, qmax, out=q)
+    q = _codes(x, scale, zp, qmin, qmax)
     q -= zp
     q *= scale
     return q

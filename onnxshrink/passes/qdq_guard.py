@@ -362,7 +362,7 @@ def _error_per_gain(share: dict[int, float], gains: dict[int, float]) -> dict[in
 def latency(graph: gs.Graph, files: ModelFiles, stem: str) -> Any:
     """A one-thread onnxruntime session on the exported graph (the caller times it)."""
     with files.exported(graph, stem) as model:
-        return model.session(threads=1, shared_arena=True)
+        return model.session(threads=1)
 
 
 class ModelFiles:

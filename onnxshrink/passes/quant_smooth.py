@@ -114,16 +114,17 @@ def smooth(
     alphas: dict[str, float] = {}
     for name, group in groups.items():
         absmax = channels[name].absmax
+        wmax = _weight_absmax(group.linears)
         alpha: float | None = p.alpha
         if p.auto_alpha and absmax is not None:
             sample = rows[name].rows
-            alpha = None if sample is None else _choose_alpha(absmax, sample, group, p)
+            alpha = None if sample is None else _choose_alpha(absmax, wmax, sample, group, p)
         if absmax is None or alpha is None:
             why = "input never observed" if absmax is None else "smoothing does not help here"
             for node in group.linears:
                 result.skip(node, why)
             continue
-        s = _factors(absmax, _weight_absmax(group.linears), alpha)
+        s = _factors(absmax, wmax, alpha)
         _apply(group, s, names, graph)
         alphas[name] = alpha
         for node in group.linears:
@@ -217,7 +218,7 @@ def _factors(act_absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarr
 
 
 def _choose_alpha(
-    absmax: np.ndarray, rows: np.ndarray, group: _Group, p: SmoothQuantParams
+    absmax: np.ndarray, wmax: np.ndarray, rows: np.ndarray, group: _Group, p: SmoothQuantParams
 ) -> float | None:
     """The grid alpha with the lowest smoothed int8 error on the sampled rows (None: leaving
     the input alone is better).
@@ -230,7 +231,6 @@ def _choose_alpha(
     weights = [_rows(n).astype(np.float32) for n in group.linears]
     if rows.shape[1] != weights[0].shape[0]:
         return None
-    wmax = _weight_absmax(group.linears)
     refs = [rows.astype(np.float32) @ w for w in weights]  # float products, shared by the grid
     best, best_err = None, qk.smoothed_int8_error(rows, weights, np.ones(rows.shape[1]), refs)
     best_alpha_err, misses = np.inf, 0
