@@ -31,6 +31,7 @@ from onnxshrink.recipe.schema import Recipe, Tolerance
 from onnxshrink.report import RunReport, StepReport
 from onnxshrink.runtime import OptLevel
 from onnxshrink.validate import feeds as feeds_mod
+from onnxshrink.validate.reference import Reference
 from onnxshrink.validate.runner import NumericReport, validate_paths
 
 logger = logging.getLogger(__name__)
@@ -170,12 +171,13 @@ def compress(
         before=size_report(model_path, loaded.proto),
     )
     with tempfile.TemporaryDirectory(prefix=".onnxshrink-", dir=out_path.parent) as tmp:
+        reference = Reference(model_path, feeds, ort_opt) if feeds is not None else None
         ctx = Context(model_path=model_path, seed=seed, workdir=Path(tmp),
                       feeds=feeds.samples if feeds else [], opset=loaded.info.opset,
-                      tolerance=the_recipe.validate.tolerance.to_dict())
+                      tolerance=the_recipe.validate.tolerance.to_dict(), reference=reference)
         t1 = time.perf_counter()
         hook = (
-            _step_checker(loaded.info, feeds if validate else None, the_recipe, Path(tmp), ort_opt)
+            _step_checker(loaded.info, reference if validate else None, the_recipe, Path(tmp))
             if check_each_step
             else None
         )
@@ -187,7 +189,7 @@ def compress(
             t2 = time.perf_counter()
             report.numerics = validate_paths(
                 model_path, candidate, feeds, the_recipe.validate.tolerance, opt=ort_opt,
-                config=session_config(report.steps),
+                reference=reference, config=session_config(report.steps),
             )
             timings["validate_s"] = time.perf_counter() - t2
         report.after = size_report(candidate, written)
@@ -236,10 +238,9 @@ def _move_into_place(candidate: Path, out_path: Path) -> None:
 
 def _step_checker(
     info: io.ModelInfo,
-    feeds: feeds_mod.Feeds | None,
+    reference: Reference | None,
     recipe: Recipe,
     workdir: Path,
-    ort_opt: OptLevel,
 ) -> Callable[[pipeline.PlannedStep, gs.Graph], None]:
     """After each step: the graph must export, pass the checker, and hold the tolerance."""
 
@@ -249,8 +250,11 @@ def _step_checker(
             _write(graph, info, path)
         except OnnxShrinkError as e:
             raise PassError(f"after step {step.label}: {e}") from e
-        if feeds is not None:
-            rep = validate_paths(info.path, path, feeds, recipe.validate.tolerance, opt=ort_opt)
+        if reference is not None:
+            rep = validate_paths(
+                info.path, path, reference.feeds, recipe.validate.tolerance, opt=reference.opt,
+                reference=reference,
+            )
             if not rep.ok:
                 bad = "; ".join(
                     f"{o.name}: {', '.join(o.failures)}" for o in rep.outputs if not o.ok

@@ -12,12 +12,15 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import ParamError
+
+if TYPE_CHECKING:
+    from onnxshrink.validate.reference import Reference
 
 
 def expect(ok: bool, name: str, value: object, wanted: str) -> None:
@@ -95,6 +98,19 @@ class Context:
     #: The recipe's validation bounds (``Tolerance.to_dict()``), for passes that check
     #: themselves against them (the quantization tolerance guard); empty when unknown.
     tolerance: dict[str, float] = field(default_factory=dict)
+    #: The original model's outputs on `feeds`, shared by every guard and by validation so
+    #: that a guard holds the recipe's tolerance against the original; None without samples.
+    reference: Reference | None = None
+
+    def reference_outputs(
+        self, graph: gs.Graph, count: int, source: str
+    ) -> list[list[Any]] | None:
+        """The original's outputs, in `graph`'s output order, on the first `count` samples:
+        what a guard judges candidates against when its feeds are the run's samples (`source`
+        as ``calibration_feeds`` names it); None when they are not, or without samples."""
+        if self.reference is None or source != "samples" or not self.feeds:
+            return None
+        return self.reference.aligned(count, [t.name for t in graph.outputs])
 
     @property
     def rng(self) -> np.random.Generator:

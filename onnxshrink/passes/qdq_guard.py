@@ -100,7 +100,9 @@ class Evaluator:
     without running the rest.
     Worst-sample bounds (cosine, max_abs) are exact on any subset; pooled ones (rel L2, SNR)
     are judged on the subset, a conservative reading. A candidate is accepted only on all
-    samples. `session` runs the float graph for the reference when the caller has one.
+    samples. `reference`: the original model's outputs on the feeds (``Context.
+    reference_outputs``), so that the tolerance is held against the original; without it the
+    float `graph` runs for one (on `session` when the caller has one).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class Evaluator:
         early: int = 4,
         files: ModelFiles | None = None,
         session: Any = None,
+        reference: list[list[Any]] | None = None,
     ) -> None:
         self.graph = graph
         self.feeds = feeds  # a lazy sequence stays lazy: one sample in memory at a time
@@ -120,9 +123,11 @@ class Evaluator:
         self.early = early
         self.files = files or ModelFiles(workdir)
         self.output_names = [t.name for t in graph.outputs]
-        sess = session if session is not None else self._session(graph, "guard_ref")
-        self.reference = [sess.run(self.output_names, f) for f in self.feeds]
-        del sess
+        if reference is None:
+            sess = session if session is not None else self._session(graph, "guard_ref")
+            reference = [sess.run(self.output_names, f) for f in self.feeds]
+            del sess
+        self.reference = reference
         self.hard = list(range(len(self.feeds)))
         self.runs = 0
 
@@ -687,6 +692,7 @@ def run_guard(
     max_ratio: float = 1.0,
     start: GuardOutcome | None = None,
     recheck_latency: bool = False,
+    reference: list[list[Any]] | None = None,
 ) -> GuardOutcome:
     """Latency, accuracy, latency again, as `mode` asks ("accuracy", "latency" or "both").
 
@@ -694,7 +700,8 @@ def run_guard(
     int8 cannot make faster is left in float before any accuracy search is paid for. `start`
     is a `latency_gate` outcome already measured (on a quickly calibrated candidate): its
     exclusions and probe are reused; `recheck_latency` times the final candidate even when
-    the accuracy guard returned no layer to float (the candidate changed since the gate)."""
+    the accuracy guard returned no layer to float (the candidate changed since the gate).
+    `reference`: the original's outputs on `feeds` (see `Evaluator`)."""
     graph = build.graph
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     layers = {index[id(a)]: (a.inputs[0].name, a.outputs[0].name) for a in anchors}
@@ -712,7 +719,9 @@ def run_guard(
         return GuardOutcome(None, report, gains)
     excluded: frozenset[int] = start.excluded if start is not None else frozenset()
     if mode in ("accuracy", "both"):
-        evaluator = Evaluator(graph, feeds, workdir, tolerance, files=build.files(workdir))
+        evaluator = Evaluator(
+            graph, feeds, workdir, tolerance, files=build.files(workdir), reference=reference
+        )
         rest = {k: v for k, v in layers.items() if k not in excluded}
         pre = excluded
 

@@ -128,10 +128,13 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
     ) -> None:
         """Restore `backup` unless the rewritten graph is within tolerance and faster."""
         p = self.params
-        feeds, _ = sources.calibration_feeds(backup, ctx.feeds, ctx.rng, 0)
+        feeds, source = sources.calibration_feeds(backup, ctx.feeds, ctx.rng, 0)
         tol = guard_tolerance(ctx.tolerance, p.guard_min_cosine)
+        reference = ctx.reference_outputs(backup, len(feeds), source)
         with collect.scratch(ctx.workdir) as wd:
-            verdict = check_whole(backup, graph, feeds, tol, wd, p.guard_max_latency_ratio)
+            verdict = check_whole(
+                backup, graph, feeds, tol, wd, p.guard_max_latency_ratio, reference
+            )
         result.stats["guard"] = verdict.stats
         if verdict.rejected is None:
             return

@@ -240,7 +240,7 @@ class QdqQuantPass(Pass[QdqQuantParams]):
                 qplan,
                 opts,
                 (act_qparams, means, wcfg),
-                feeds,
+                (feeds, source),
                 ctx,
                 result,
                 (gate, recheck),
@@ -259,13 +259,15 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         qplan: QuantPlan,
         opts: PlanOptions,
         calibrated: tuple[dict[str, qk.QParams], dict[int, np.ndarray], WeightConfig],
-        feeds: Sequence[dict[str, np.ndarray]],
+        samples: tuple[Sequence[dict[str, np.ndarray]], str],
         ctx: Context,
         result: PassResult,
         gate: tuple[GuardOutcome | None, bool] = (None, False),
     ) -> QuantPlan | None:
-        """The plan without the layers the guard keeps in float; None to leave all in float."""
+        """The plan without the layers the guard keeps in float; None to leave all in float.
+        `samples`: the feeds and where they come from (``calibration_feeds``)."""
         act_qparams, means, wcfg = calibrated
+        feeds, source = samples
         p = self.params
         build = CandidateBuilder(graph, targets, opts, act_qparams, means, wcfg, p.weight_dtype)
         with collect.scratch(ctx.workdir) as wd:
@@ -279,6 +281,9 @@ class QdqQuantPass(Pass[QdqQuantParams]):
                 p.guard_max_latency_ratio,
                 start=gate[0],
                 recheck_latency=gate[1],
+                reference=ctx.reference_outputs(graph, len(feeds), source)
+                if p.guard in ("accuracy", "both")
+                else None,
             )
         return self._record(graph, targets, qplan, opts, outcome, result)
 

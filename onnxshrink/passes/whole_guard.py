@@ -48,10 +48,12 @@ def check_whole(
     tolerance: Tolerance,
     workdir: Path,
     max_ratio: float,
+    reference: list[list[Any]] | None = None,
 ) -> WholeVerdict:
     """Speed first (one timing), then accuracy on every sample (hardest first), on the same
     two sessions: building and exporting a 90 MB transformer's costs more than running its
-    samples at one thread."""
+    samples at one thread. `reference`: the original's outputs on `feeds` (else `before`
+    runs for them)."""
     files = ModelFiles(workdir)
     stats: dict[str, Any] = {"tolerance": tolerance.to_dict()}
     if not feeds:  # nothing to measure on (as before: calibration always has samples)
@@ -69,7 +71,9 @@ def check_whole(
         return WholeVerdict(
             f"not faster than float ({ratio:.2f}x at 1 thread, {max_ratio:g}x needed)", stats
         )
-    evaluator = Evaluator(before, feeds, workdir, tolerance, files=files, session=base)
+    evaluator = Evaluator(
+        before, feeds, workdir, tolerance, files=files, session=base, reference=reference
+    )
     del base
     broken = evaluator.failures(after, session=quant)
     if broken:

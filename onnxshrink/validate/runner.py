@@ -15,6 +15,7 @@ from onnxshrink.errors import ModelError, OnnxShrinkError, SampleError
 from onnxshrink.recipe.schema import Tolerance
 from onnxshrink.validate.compare import OutputMetrics, compare_output, flatten_outputs, judge
 from onnxshrink.validate.feeds import Feeds
+from onnxshrink.validate.reference import Reference
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def run_model(
     role: str = "original",
     config: dict[str, str] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
-    """Outputs of one model on every sample; errors name the model's role and the sample."""
+    """Outputs of one model on every sample; errors name the model's role and the sample.
+
+    The arrays are copies: onnxruntime's wrap its arena's buffers, which the shared arena
+    could then not give back while the caller holds them."""
     try:
         sess = runtime.session(path, opt=opt, config=config)
     except Exception as e:
@@ -58,7 +62,7 @@ def run_model(
     results = []
     for i, sample in enumerate(feeds.samples):
         try:
-            results.append(runtime.run(sess, sample))
+            results.append([_owned(v) for v in runtime.run(sess, sample)])
         except Exception as e:
             msg = ort_message(e)
             error: type[OnnxShrinkError] = OnnxShrinkError
@@ -68,6 +72,10 @@ def run_model(
                 f"{path}: onnxruntime failed on sample {i} ({feeds.source}): {msg}"
             ) from None
     return names, results
+
+
+def _owned(value: Any) -> Any:
+    return np.array(value) if isinstance(value, np.ndarray) else value
 
 
 _ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |Load model from .*? failed: ?")
@@ -140,25 +148,22 @@ def validate_paths(
     tolerance: Tolerance,
     *,
     opt: runtime.OptLevel = "all",
-    reference_outputs: list[list[Any]] | None = None,
+    reference: Reference | None = None,
     config: dict[str, str] | None = None,
 ) -> NumericReport:
-    """Compare `candidate` with `original` (or with shipped reference outputs when given).
+    """Compare `candidate` with `original` on `feeds`.
 
-    `config` holds session options the candidate needs to compute what it will compute when
-    deployed (e.g. the MatMulNBits accuracy level a weight-only pass chose); it is reported.
+    `reference` holds the original's outputs on these feeds when the run already has them
+    (the guards computed them); it is computed otherwise. `config` holds session options the
+    candidate needs to compute what it will compute when deployed (e.g. the MatMulNBits
+    accuracy level a weight-only pass chose); it is reported.
     """
-    if reference_outputs is None:
-        names, refs = run_model(original, feeds, opt=opt, role="original")
-        reference = str(original)
-    else:
-        names = _candidate_names(candidate)
-        refs, reference = reference_outputs, f"{feeds.source} (reference outputs)"
+    names, refs = (reference or Reference(original, feeds, opt)).outputs()
     cand_names, cands = run_model(candidate, feeds, opt=opt, role="compressed", config=config)
     if cand_names != names:
         raise OnnxShrinkError(f"{candidate}: outputs {cand_names} differ from original {names}")
     report = NumericReport(
-        reference=reference,
+        reference=str(original),
         samples=len(feeds.samples),
         feeds_source=feeds.source,
         tolerance=tolerance.to_dict(),
@@ -168,7 +173,3 @@ def validate_paths(
     report.outputs = compare_runs(names, refs, cands, tolerance)
     return report
 
-
-def _candidate_names(path: Path) -> list[str]:
-    sess = runtime.session(path, opt="none")
-    return runtime.output_names(sess)
