@@ -9,6 +9,7 @@ tensor (Q/K/V projections quantize their input once).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,7 @@ from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect_guard
 from onnxshrink.passes.qdq_plan import already_quantized, is_float
+from onnxshrink.passes.quant_saturation import SaturationProbe, needs_uint8
 from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
 from onnxshrink.passes.whole_guard import check_whole, guard_tolerance, restore
 
@@ -35,7 +37,13 @@ class DynamicQuantParams(PassParams):
     #: Activations are uint8 with a run-time zero point near 128 for signed inputs, where x86
     #: u8s8 kernels without VNNI saturate int16 pair sums; uint8 weights (zero point 128) use
     #: the u8u8 kernels that do not. int8 is faster where that saturation cannot happen.
-    weight_dtype: Literal["uint8", "int8"] = "uint8"
+    #: "auto": int8, except layers where the saturation, emulated on the samples, adds more
+    #: error than int8 rounding costs (``quant_saturation``): those get uint8.
+    weight_dtype: Literal["uint8", "int8", "auto"] = "uint8"
+    #: "auto" measures on the first this many samples, at most `saturation_rows` rows (tokens)
+    #: per input.
+    saturation_samples: int = 8
+    saturation_rows: int = 512
     #: 7-bit int8 weights: the u8s8 kernels' int16 pair sums cannot saturate.
     reduce_range: bool = False
     per_channel: bool = True
@@ -113,7 +121,8 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
             sp = SmoothQuantParams(auto_alpha=True)
             result.stats["smooth"] = smooth(graph, linears, ctx, sp).stats
             jobs = [j for j in (_job(job.node) for job in jobs) if not isinstance(j, str)]
-        self._rewrite_all(graph, jobs, result)
+        chosen = self._weights(graph, jobs, ctx, result)
+        self._rewrite_all(graph, jobs, result, chosen)
         if backup is not None:
             self._guard(graph, backup, targets, ctx, result)
         return result
@@ -144,7 +153,54 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
         for node in targets:
             result.skip(node, f"left in float by the guard: {verdict.rejected}")
 
-    def _rewrite_all(self, graph: gs.Graph, jobs: list[_Job], result: PassResult) -> None:
+    def _weights(
+        self, graph: gs.Graph, jobs: list[_Job], ctx: Context, result: PassResult
+    ) -> dict[str, tuple[qk.QParams, bool]]:
+        """Parameters per weight key, and whether its codes go uint8 ("auto": where the int8
+        kernels' saturation costs more than rounding; the codes are made at the rewrite)."""
+        p = self.params
+        dtype = "int8" if p.weight_dtype == "auto" else p.weight_dtype
+        chosen: dict[str, tuple[qk.QParams, bool]] = {}
+        for job in jobs:
+            if _key(job) not in chosen:
+                chosen[_key(job)] = (self._qparams(job.weight, dtype), False)
+        if p.weight_dtype != "auto":
+            return chosen
+        probes: dict[str, SaturationProbe] = {}
+        for i, job in enumerate(jobs):
+            probe = probes.setdefault(job.x.name, SaturationProbe(p.saturation_rows))
+            probe.add(i, job.weight, chosen[_key(job)][0])
+        feeds, source = sources.calibration_feeds(graph, ctx.feeds, ctx.rng, p.saturation_samples)
+        with collect.scratch(ctx.workdir) as wd:
+            observers = {name: [probe] for name, probe in probes.items()}
+            collect.collect(graph, observers, feeds, wd, stem="saturation")
+        measured = needs_uint8(list(probes.values()))
+        for i, job in enumerate(jobs):
+            if measured.get(i, {}).get("uint8"):
+                chosen[_key(job)] = (chosen[_key(job)][0], True)
+        result.stats["saturation"] = {
+            "source": source,
+            "uint8_layers": [jobs[i].node.name for i, m in measured.items() if m["uint8"]],
+            "relative_error": {
+                jobs[i].node.name: {k: round(v, 5) for k, v in m.items() if k != "uint8"}
+                for i, m in measured.items()
+            },
+        }
+        return chosen
+
+    def _qparams(self, weight: np.ndarray, dtype: str) -> qk.QParams:
+        p = self.params
+        axis = 1 if p.per_channel else None
+        choose = qk.mse_weight_qparams if p.weight_calibration == "mse" else qk.weight_qparams
+        return choose(weight, dtype, axis=axis, symmetric=True, reduce_range=p.reduce_range)
+
+    def _rewrite_all(
+        self,
+        graph: gs.Graph,
+        jobs: list[_Job],
+        result: PassResult,
+        chosen: dict[str, tuple[qk.QParams, bool]],
+    ) -> None:
         """Rewrite the jobs, sharing input quantizers and weights."""
         names = edit.NameScope(graph)
         quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
@@ -153,11 +209,11 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
         for job in jobs:
             if job.x.name not in quantized_inputs:
                 quantized_inputs[job.x.name] = _dynamic_quantize(job.x, names, new_nodes)
-            key = f"{job.weight_name}/{job.node.op}/{job.alpha}"
+            key = _key(job)
             if key not in weights:
-                weights[key] = self._weight(job, names)
+                weights[key] = _constants(job, *chosen[key], names)
             err = _rewrite(job, quantized_inputs[job.x.name], weights[key], names, new_nodes)
-            result.touch(job.node, weight_dtype=self.params.weight_dtype, rel_rms_error=err)
+            result.touch(job.node, weight_dtype=weights[key][3].dtype, rel_rms_error=err)
         graph.nodes.extend(new_nodes)
         result.stats.update(
             quantized_matmuls=len(jobs),
@@ -165,23 +221,34 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
             weight_dtype=self.params.weight_dtype,
         )
 
-    def _weight(
-        self, job: _Job, names: edit.NameScope
-    ) -> tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams]:
-        p = self.params
-        axis = 1 if p.per_channel else None
-        choose = qk.mse_weight_qparams if p.weight_calibration == "mse" else qk.weight_qparams
-        qp = choose(job.weight, p.weight_dtype, axis=axis, symmetric=True,
-                    reduce_range=p.reduce_range)
-        qw = qk.quantize(job.weight, qp)
-        scale = np.asarray(qp.scale, np.float32) * np.float32(job.alpha)
-        base = job.weight_name
-        return (
-            gs.Constant(names.fresh(f"{base}_quantized"), qw),
-            gs.Constant(names.fresh(f"{base}_scale"), scale),
-            gs.Constant(names.fresh(f"{base}_zero_point"), np.asarray(qp.zero_point)),
-            qp,
-        )
+
+def _key(job: _Job) -> str:
+    """Jobs with one key share one quantized weight (tied weights, Q/K/V of one tensor)."""
+    return f"{job.weight_name}/{job.node.op}/{job.alpha}"
+
+
+def _constants(
+    job: _Job, qp: qk.QParams, unsigned: bool, names: edit.NameScope
+) -> tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams]:
+    codes = qk.quantize(job.weight, qp)
+    if unsigned:
+        codes, qp = as_uint8(codes, qp)
+    scale = np.asarray(qp.scale, np.float32) * np.float32(job.alpha)
+    base = job.weight_name
+    return (
+        gs.Constant(names.fresh(f"{base}_quantized"), codes),
+        gs.Constant(names.fresh(f"{base}_scale"), scale),
+        gs.Constant(names.fresh(f"{base}_zero_point"), np.asarray(qp.zero_point)),
+        qp,
+    )
+
+
+def as_uint8(codes: np.ndarray, qp: qk.QParams) -> tuple[np.ndarray, qk.QParams]:
+    """Symmetric int8 codes as uint8 with zero point 128: the same values, on the u8u8
+    kernels that cannot saturate."""
+    shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
+    zp = np.full(np.shape(qp.zero_point), 128, np.uint8)
+    return shifted, dataclasses.replace(qp, zero_point=zp, dtype="uint8")
 
 
 def _job(node: gs.Node) -> _Job | str:

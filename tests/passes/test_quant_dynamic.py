@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
+from onnxshrink import api
+from onnxshrink.recipe.loader import parse_recipe
+from tests.graphs import save_graph
+from tests.kernels.test_saturation import int8_kernels_saturate
 from tests.passes.quant_support import compress, fused_ops, worst_cosine
 
 CLEANUP = {"pass": "graph.cleanup"}
@@ -114,3 +121,56 @@ def test_guard_restores_the_unsmoothed_input_when_it_rejects(
     assert sum(why in s["reason"] for s in step.skipped) >= 6  # every layer it had rewritten
     assert worst_cosine(report) > 0.999999  # the cleaned float graph, smoothing Muls undone
     assert fused_ops(out) == fused_ops(plain)
+
+
+def _two_matmuls(tmp_path: Path) -> tuple[Path, Path]:
+    """x feeds two MatMuls: one whose int8 codes are large and of one sign (u8s8 pair sums
+    saturate on it), one with heavy-tailed weights (its codes are mostly small)."""
+    rng = np.random.default_rng(0)
+    k = 64
+    x = gs.Variable("x", np.float32, ["n", k])
+    crowded = gs.Constant("crowded", rng.uniform(0.7, 1.0, (k, 16)).astype(np.float32))
+    spread = gs.Constant("spread", (rng.standard_t(2, (k, 16)) * 0.05).astype(np.float32))
+    y1 = gs.Variable("y1", np.float32, ["n", 16])
+    y2 = gs.Variable("y2", np.float32, ["n", 16])
+    nodes = [
+        gs.Node("MatMul", "crowded_mm", inputs=[x, crowded], outputs=[y1]),
+        gs.Node("MatMul", "spread_mm", inputs=[x, spread], outputs=[y2]),
+    ]
+    model = save_graph(gs.Graph(nodes, [x], [y1, y2], opset=13), tmp_path / "two.onnx")
+    samples = np.abs(rng.standard_normal((8, 32, k))).astype(np.float32) - 0.2
+    np.savez(tmp_path / "two.npz", x=samples)
+    return model, tmp_path / "two.npz"
+
+
+def _run(model: Path, samples: Path, out: Path, dtype: str) -> Any:
+    recipe = parse_recipe(
+        {
+            "recipe": {"name": "t"},
+            "step": [{"pass": "quant.dynamic", "params": {"weight_dtype": dtype}}],
+            "validate": {"tolerance": {"min_cosine": 0.0}},
+        }
+    )
+    return api.compress(model, recipe, out, samples=samples)
+
+
+@pytest.mark.ort
+def test_auto_gives_uint8_weights_only_where_int8_kernels_saturate(tmp_path: Path) -> None:
+    model, samples = _two_matmuls(tmp_path)
+    auto = _run(model, samples, tmp_path / "auto.onnx", "auto")
+    stats = auto.steps[0].stats["saturation"]
+    assert stats["uint8_layers"] == ["crowded_mm"], stats
+    error = stats["relative_error"]
+    assert error["crowded_mm"]["saturation"] > error["crowded_mm"]["rounding"]
+    assert error["spread_mm"]["saturation"] < error["spread_mm"]["rounding"]
+    graph = onnx.load(str(tmp_path / "auto.onnx")).graph
+    dtypes = {i.name: i.data_type for i in graph.initializer}
+    used = sorted(dtypes[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger")
+    assert used == [onnx.TensorProto.UINT8, onnx.TensorProto.INT8]
+
+    int8 = _run(model, samples, tmp_path / "int8.onnx", "int8")
+    cos = {o.name: o.cosine for o in auto.numerics.outputs}
+    cos8 = {o.name: o.cosine for o in int8.numerics.outputs}
+    assert cos["y2"] == pytest.approx(cos8["y2"])  # the same int8 weights where no saturation
+    if int8_kernels_saturate():  # this CPU has no VNNI: uint8 must do better where chosen
+        assert cos["y1"] > cos8["y1"]
