@@ -9,7 +9,6 @@ tensor (Q/K/V projections quantize their input once).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -25,7 +24,7 @@ from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect_guard
 from onnxshrink.passes.qdq_plan import already_quantized, is_float
-from onnxshrink.passes.quant_saturation import SaturationProbe, needs_uint8
+from onnxshrink.passes.quant_saturation import SaturationProbe, choose
 from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
 from onnxshrink.passes.whole_guard import check_whole, guard_tolerance, restore
 
@@ -37,8 +36,8 @@ class DynamicQuantParams(PassParams):
     #: Activations are uint8 with a run-time zero point near 128 for signed inputs, where x86
     #: u8s8 kernels without VNNI saturate int16 pair sums; uint8 weights (zero point 128) use
     #: the u8u8 kernels that do not. int8 is faster where that saturation cannot happen.
-    #: "auto": int8, except layers where the saturation, emulated on the samples, adds more
-    #: error than int8 rounding costs (``quant_saturation``): those get uint8.
+    #: "auto": int8, with 7-bit codes in the output columns where the u8s8 kernels' saturation,
+    #: emulated on the samples, costs more than the bit (``quant_saturation``); same kernels.
     weight_dtype: Literal["uint8", "int8", "auto"] = "uint8"
     #: "auto" measures on the first this many samples, at most `saturation_rows` rows (tokens)
     #: per input.
@@ -155,51 +154,64 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
 
     def _weights(
         self, graph: gs.Graph, jobs: list[_Job], ctx: Context, result: PassResult
-    ) -> dict[str, tuple[qk.QParams, bool]]:
-        """Parameters per weight key, and whether its codes go uint8 ("auto": where the int8
-        kernels' saturation costs more than rounding; the codes are made at the rewrite)."""
+    ) -> dict[str, tuple[np.ndarray, qk.QParams]]:
+        """Codes and parameters per weight key ("auto": each output column full int8 or
+        7-bit, whichever gives the lower error once the u8s8 kernels' saturation is counted,
+        measured on the samples)."""
         p = self.params
         dtype = "int8" if p.weight_dtype == "auto" else p.weight_dtype
-        chosen: dict[str, tuple[qk.QParams, bool]] = {}
+        params: dict[str, qk.QParams] = {}
         for job in jobs:
-            if _key(job) not in chosen:
-                chosen[_key(job)] = (self._qparams(job.weight, dtype), False)
-        if p.weight_dtype != "auto":
-            return chosen
+            if _key(job) not in params:
+                params[_key(job)] = self._qparams(job.weight, dtype, p.reduce_range)
+        if p.weight_dtype != "auto" or p.reduce_range:  # 7-bit codes cannot saturate
+            return {k: (qk.quantize(_weight_of(jobs, k), qp), qp) for k, qp in params.items()}
         probes: dict[str, SaturationProbe] = {}
+        sevens: dict[str, qk.QParams] = {}
+        first: dict[str, int] = {}
         for i, job in enumerate(jobs):
+            key = _key(job)
+            if key not in sevens:
+                sevens[key] = self._qparams(job.weight, "int8", reduce_range=True)
+                first[key] = i
             probe = probes.setdefault(job.x.name, SaturationProbe(p.saturation_rows))
-            probe.add(i, job.weight, chosen[_key(job)][0])
+            probe.add(i, job.weight, {"int8": params[key], "int7": sevens[key]})
         feeds, source = sources.calibration_feeds(graph, ctx.feeds, ctx.rng, p.saturation_samples)
         with collect.scratch(ctx.workdir) as wd:
             observers = {name: [probe] for name, probe in probes.items()}
             collect.collect(graph, observers, feeds, wd, stem="saturation")
-        measured = needs_uint8(list(probes.values()))
-        for i, job in enumerate(jobs):
-            if measured.get(i, {}).get("uint8"):
-                chosen[_key(job)] = (chosen[_key(job)][0], True)
+        measured = choose(list(probes.values()))
+        chosen: dict[str, tuple[np.ndarray, qk.QParams]] = {}
+        for key, qp in params.items():
+            got = measured.get(first[key])  # a weight read by several inputs: its first reader
+            if got is None or not got.taken.get("int7"):
+                chosen[key] = (qk.quantize(_weight_of(jobs, key), qp), qp)
+            else:
+                zero = np.zeros(got.scale.shape, np.int8)
+                chosen[key] = (got.codes, qk.QParams(got.scale, zero, "int8", axis=1))
         result.stats["saturation"] = {
             "source": source,
-            "uint8_layers": [jobs[i].node.name for i, m in measured.items() if m["uint8"]],
+            "int7_columns": sum(m.taken.get("int7", 0) for m in measured.values()),
+            "columns": sum(sum(m.taken.values()) for m in measured.values()),
             "relative_error": {
-                jobs[i].node.name: {k: round(v, 5) for k, v in m.items() if k != "uint8"}
+                jobs[i].node.name: {k: round(v, 5) for k, v in m.errors.items()}
                 for i, m in measured.items()
             },
         }
         return chosen
 
-    def _qparams(self, weight: np.ndarray, dtype: str) -> qk.QParams:
+    def _qparams(self, weight: np.ndarray, dtype: str, reduce_range: bool) -> qk.QParams:
         p = self.params
         axis = 1 if p.per_channel else None
-        choose = qk.mse_weight_qparams if p.weight_calibration == "mse" else qk.weight_qparams
-        return choose(weight, dtype, axis=axis, symmetric=True, reduce_range=p.reduce_range)
+        choose_qp = qk.mse_weight_qparams if p.weight_calibration == "mse" else qk.weight_qparams
+        return choose_qp(weight, dtype, axis=axis, symmetric=True, reduce_range=reduce_range)
 
     def _rewrite_all(
         self,
         graph: gs.Graph,
         jobs: list[_Job],
         result: PassResult,
-        chosen: dict[str, tuple[qk.QParams, bool]],
+        chosen: dict[str, tuple[np.ndarray, qk.QParams]],
     ) -> None:
         """Rewrite the jobs, sharing input quantizers and weights."""
         names = edit.NameScope(graph)
@@ -227,12 +239,13 @@ def _key(job: _Job) -> str:
     return f"{job.weight_name}/{job.node.op}/{job.alpha}"
 
 
+def _weight_of(jobs: list[_Job], key: str) -> np.ndarray:
+    return next(job.weight for job in jobs if _key(job) == key)
+
+
 def _constants(
-    job: _Job, qp: qk.QParams, unsigned: bool, names: edit.NameScope
+    job: _Job, codes: np.ndarray, qp: qk.QParams, names: edit.NameScope
 ) -> tuple[gs.Constant, gs.Constant, gs.Constant, qk.QParams]:
-    codes = qk.quantize(job.weight, qp)
-    if unsigned:
-        codes, qp = as_uint8(codes, qp)
     scale = np.asarray(qp.scale, np.float32) * np.float32(job.alpha)
     base = job.weight_name
     return (
@@ -241,14 +254,6 @@ def _constants(
         gs.Constant(names.fresh(f"{base}_zero_point"), np.asarray(qp.zero_point)),
         qp,
     )
-
-
-def as_uint8(codes: np.ndarray, qp: qk.QParams) -> tuple[np.ndarray, qk.QParams]:
-    """Symmetric int8 codes as uint8 with zero point 128: the same values, on the u8u8
-    kernels that cannot saturate."""
-    shifted = (codes.astype(np.int16) + 128).astype(np.uint8)
-    zp = np.full(np.shape(qp.zero_point), 128, np.uint8)
-    return shifted, dataclasses.replace(qp, zero_point=zp, dtype="uint8")
 
 
 def _job(node: gs.Node) -> _Job | str:
