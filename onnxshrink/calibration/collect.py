@@ -198,7 +198,8 @@ def observable(graph: gs.Graph, names: Iterable[str]) -> tuple[list[str], list[s
     """Split `names` into tensors that need an extra output and graph inputs read from feeds."""
     tensors = graph.tensors()
     inputs = {t.name for t in graph.inputs}
-    outputs, fed = [], []
+    outputs: list[str] = []
+    fed: list[str] = []
     for name in dict.fromkeys(names):
         t = tensors.get(name)
         if t is None or isinstance(t, gs.Constant):

@@ -454,7 +454,7 @@ def _sign_test(k: int, n: int) -> float:
 
 
 def latency_guard(
-    build: Build,
+    build: CandidateBuilder,
     graph: gs.Graph,
     excluded: frozenset[int],
     gains: dict[int, float],
@@ -717,7 +717,9 @@ def run_guard(
     gains = start.gains if start is not None else {}
     if start is not None and start.excluded is None:
         return GuardOutcome(None, report, gains)
-    excluded: frozenset[int] = start.excluded if start is not None else frozenset()
+    excluded: frozenset[int] = (
+        start.excluded if start is not None and start.excluded is not None else frozenset()
+    )
     if mode in ("accuracy", "both"):
         evaluator = Evaluator(
             graph, feeds, workdir, tolerance, files=build.files(workdir), reference=reference

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -268,7 +268,7 @@ def _correction(
         if int(anchor.attrs.get("transA", 0)):
             return None
         alpha = float(anchor.attrs.get("alpha", 1.0))
-        layout = "rows" if int(anchor.attrs.get("transB", 0)) else "cols"
+        layout: Literal["rows", "cols"] = "rows" if int(anchor.attrs.get("transB", 0)) else "cols"
         return alpha * qk.bias_correction(dw, mean, layout=layout)
     if anchor.op == "MatMul" and dw.ndim == 2 and mean.size == dw.shape[0]:
         return qk.bias_correction(dw, mean, layout="cols")

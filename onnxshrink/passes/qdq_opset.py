@@ -102,6 +102,7 @@ def raise_opset(graph: gs.Graph, target: int, names: edit.NameScope) -> list[str
 
 def _adapt(node: gs.Node, current: int, target: int, names: edit.NameScope) -> bool:
     """Move an attribute that became an input between `current` and `target`."""
+    value: np.ndarray
     if node.op == "Dropout" and current < 12 <= target and "ratio" in node.attrs:
         key, index, value = "ratio", 1, np.asarray(node.attrs["ratio"], np.float32).reshape(())
     elif node.op in ATTR_TO_INPUT_13 and current < 13 <= target:

@@ -194,6 +194,7 @@ def conv_handler(node: gs.Node, graph: gs.Graph, opt: PlanOptions) -> NodePlan |
     if out is None:
         return "output is a graph output or feeds several ops that need float"
     group = int(node.attrs.get("group", 1))
+    axis: int | None
     if node.op == "Conv":
         axis, n_out = 0, int(w.shape[0])
     else:

@@ -94,11 +94,11 @@ def layer_times(
             owner[f"{t}_nchwc"] = k
     out: dict[int, float] = {}
     for name, ms in times.items():
-        k = owner.get(name)
-        if k is None:
-            k = owner.get(base_name(name))
-        if k is not None:
-            out[k] = out.get(k, 0.0) + ms
+        layer = owner.get(name)
+        if layer is None:
+            layer = owner.get(base_name(name))
+        if layer is not None:
+            out[layer] = out.get(layer, 0.0) + ms
     return out
 
 

@@ -181,10 +181,10 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         if not qplan.anchors:
             return result
         feeds, source = sources.calibration_feeds(graph, ctx.feeds, ctx.rng, p.max_samples)
-        reason = _opset_blocker(graph, int(graph.opset or ctx.opset), feeds, ctx)
-        if reason:
+        blocker = _opset_blocker(graph, int(graph.opset or ctx.opset), feeds, ctx)
+        if blocker:
             for node in qplan.anchors:
-                result.skip(node, f"needs opset {QDQ_OPSET}, and {reason}")
+                result.skip(node, f"needs opset {QDQ_OPSET}, and {blocker}")
             return result
         backup = graph.copy() if p.smooth and p.guard != "off" else None
         if p.smooth:
@@ -386,10 +386,10 @@ class QdqQuantPass(Pass[QdqQuantParams]):
         means = {k: o.mean() for k, o in channel.items() if o.count}
         result = {}
         for root in qplan.roots():
-            obs = observers[root][0]
-            assert isinstance(obs, (MinMaxObserver, HistogramObserver))
+            ranged = observers[root][0]
+            assert isinstance(ranged, (MinMaxObserver, HistogramObserver))
             lo, hi = observed_range(
-                obs,
+                ranged,
                 p.calibration,
                 p.activation_dtype,
                 symmetric=p.activation_symmetric,

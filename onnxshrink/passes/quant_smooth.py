@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.calibration import collect, sources
-from onnxshrink.calibration.observers import ChannelObserver, RowReservoir
+from onnxshrink.calibration.observers import ChannelObserver, Observer, RowReservoir
 from onnxshrink.ir import edit, query
 from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
@@ -106,7 +106,9 @@ def smooth(
         return result
     channels = {name: ChannelObserver(axis=-1) for name in groups}
     rows = {name: RowReservoir(p.reservoir_rows, ctx.rng) for name in groups if p.auto_alpha}
-    observers = {name: [channels[name], *([rows[name]] if rows else [])] for name in groups}
+    observers: dict[str, list[Observer]] = {
+        name: [channels[name], *([rows[name]] if rows else [])] for name in groups
+    }
     feeds, source = sources.calibration_feeds(graph, ctx.feeds, ctx.rng, p.max_samples)
     with collect.scratch(ctx.workdir) as wd:
         collect.collect(graph, observers, feeds, wd)
