@@ -3,7 +3,7 @@
 int8 weights run onnxruntime's u8s8 kernels, the fastest on x86; on CPUs without VNNI their
 int16 pair sums saturate (``kernels.saturation``). On MiniLM that is not rare: emulated on
 the samples, saturation takes 2-7% off the accumulators of the attention output projections
-(five times their rounding error) and costs one of 32 nearest-neighbour decisions. Two forms
+(up to five times their rounding error) and costs one of 32 nearest-neighbour decisions. Two forms
 keep the same kernels: 7-bit codes ([-64, 63], which cannot saturate, at about twice the
 rounding error) and full int8. uint8 weights (u8u8 kernels) avoid saturation at full
 precision but ran 2-18% slower at one thread in direct runs and slower still at two (the
