@@ -272,7 +272,7 @@ def _job(node: gs.Node) -> _Job | str:
     values = np.asarray(w.values)
     if values.dtype not in (np.float32, np.float16):
         return f"weight dtype {values.dtype} is not float"
-    values = values.astype(np.float32)
+    values = values.astype(np.float32, copy=False)  # a float32 weight is used in place
     if node.op == "MatMul":
         return _Job(node, x, values, w.name, None, 1.0)
     if int(node.attrs.get("transA", 0)):
