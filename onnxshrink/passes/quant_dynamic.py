@@ -24,7 +24,7 @@ from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import register
 from onnxshrink.passes.base import Context, Pass, PassParams, PassResult, expect_guard
 from onnxshrink.passes.qdq_plan import already_quantized, is_float
-from onnxshrink.passes.quant_saturation import SaturationProbe, choose
+from onnxshrink.passes.quant_saturation import Choice, SaturationProbe, choose
 from onnxshrink.passes.quant_smooth import SmoothQuantParams, smooth
 from onnxshrink.passes.whole_guard import check_whole, guard_tolerance, restore
 
@@ -160,45 +160,58 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
         measured on the samples)."""
         p = self.params
         dtype = "int8" if p.weight_dtype == "auto" else p.weight_dtype
-        params: dict[str, qk.QParams] = {}
+        first: dict[str, _Job] = {}  # each weight key's first reader
         for job in jobs:
-            if _key(job) not in params:
-                params[_key(job)] = self._qparams(job.weight, dtype, p.reduce_range)
-        if p.weight_dtype != "auto" or p.reduce_range:  # 7-bit codes cannot saturate
-            return {k: (qk.quantize(_weight_of(jobs, k), qp), qp) for k, qp in params.items()}
+            first.setdefault(_key(job), job)
+        params = {k: self._qparams(j.weight, dtype, p.reduce_range) for k, j in first.items()}
+        auto = p.weight_dtype == "auto" and not p.reduce_range  # 7-bit codes cannot saturate
+        measured = self._saturation(graph, jobs, params, ctx, result) if auto else {}
+        chosen: dict[str, tuple[np.ndarray, qk.QParams]] = {}
+        for key, qp in params.items():
+            got = measured.get(id(first[key]))  # a weight read by several inputs: its first
+            if got is None:
+                chosen[key] = (qk.quantize(first[key].weight, qp), qp)
+            elif not got.taken.get("int7"):
+                chosen[key] = (got.codes, qp)  # the probe's int8 codes, not made twice
+            else:
+                zero = np.zeros(got.scale.shape, np.int8)
+                chosen[key] = (got.codes, qk.QParams(got.scale, zero, "int8", axis=1))
+        return chosen
+
+    def _saturation(
+        self,
+        graph: gs.Graph,
+        jobs: list[_Job],
+        params: dict[str, qk.QParams],
+        ctx: Context,
+        result: PassResult,
+    ) -> dict[int, Choice]:
+        """Per job (by id), its weight's columns in int8 or 7-bit, measured on the samples."""
+        p = self.params
         probes: dict[str, SaturationProbe] = {}
         sevens: dict[str, qk.QParams] = {}
-        first: dict[str, int] = {}
-        for i, job in enumerate(jobs):
+        for job in jobs:
             key = _key(job)
             if key not in sevens:
                 sevens[key] = self._qparams(job.weight, "int8", reduce_range=True)
-                first[key] = i
             probe = probes.setdefault(job.x.name, SaturationProbe(p.saturation_rows))
-            probe.add(i, job.weight, {"int8": params[key], "int7": sevens[key]})
+            probe.add(id(job), job.weight, {"int8": params[key], "int7": sevens[key]})
         feeds, source = sources.calibration_feeds(graph, ctx.feeds, ctx.rng, p.saturation_samples)
         with collect.scratch(ctx.workdir) as wd:
             observers = {name: [probe] for name, probe in probes.items()}
             collect.collect(graph, observers, feeds, wd, stem="saturation")
         measured = choose(list(probes.values()))
-        chosen: dict[str, tuple[np.ndarray, qk.QParams]] = {}
-        for key, qp in params.items():
-            got = measured.get(first[key])  # a weight read by several inputs: its first reader
-            if got is None or not got.taken.get("int7"):
-                chosen[key] = (qk.quantize(_weight_of(jobs, key), qp), qp)
-            else:
-                zero = np.zeros(got.scale.shape, np.int8)
-                chosen[key] = (got.codes, qk.QParams(got.scale, zero, "int8", axis=1))
+        names = {id(job): job.node.name for job in jobs}
         result.stats["saturation"] = {
             "source": source,
             "int7_columns": sum(m.taken.get("int7", 0) for m in measured.values()),
             "columns": sum(sum(m.taken.values()) for m in measured.values()),
             "relative_error": {
-                jobs[i].node.name: {k: round(v, 5) for k, v in m.errors.items()}
-                for i, m in measured.items()
+                names[k]: {e: round(v, 5) for e, v in m.errors.items()}
+                for k, m in measured.items()
             },
         }
-        return chosen
+        return measured
 
     def _qparams(self, weight: np.ndarray, dtype: str, reduce_range: bool) -> qk.QParams:
         p = self.params
@@ -237,10 +250,6 @@ class DynamicQuantPass(Pass[DynamicQuantParams]):
 def _key(job: _Job) -> str:
     """Jobs with one key share one quantized weight (tied weights, Q/K/V of one tensor)."""
     return f"{job.weight_name}/{job.node.op}/{job.alpha}"
-
-
-def _weight_of(jobs: list[_Job], key: str) -> np.ndarray:
-    return next(job.weight for job in jobs if _key(job) == key)
 
 
 def _constants(

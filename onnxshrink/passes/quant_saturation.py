@@ -3,16 +3,17 @@
 int8 weights run onnxruntime's u8s8 kernels, the fastest on x86; on CPUs without VNNI their
 int16 pair sums saturate (``kernels.saturation``). On MiniLM that is not rare: emulated on
 the samples, saturation takes 2-7% off the accumulators of the attention output projections
-(up to five times their rounding error) and costs one of 32 nearest-neighbour decisions. Two forms
-keep the same kernels: 7-bit codes ([-64, 63], which cannot saturate, at about twice the
-rounding error) and full int8. uint8 weights (u8u8 kernels) avoid saturation at full
-precision but ran 2-18% slower at one thread in direct runs and slower still at two (the
-all-uint8 recipe measured 0.77-0.92x of fp32 at two threads where int8 had measured 0.62x),
-so they are not among the choices. Each output column has its own scale,
-so each column is measured on the same rows in both forms (rounding, plus saturation for
-int8, as the kernel computes it) and takes the one with the lower error: on MiniLM 11% of the
-columns go 7-bit, and the attention output projection's error drops from 7.5% to 1.5%.
+(up to five times their rounding error) and costs one of 32 nearest-neighbour decisions.
+Two forms keep the same kernels: 7-bit codes ([-64, 63], which cannot saturate, at about
+twice the rounding error) and full int8. uint8 weights (u8u8 kernels) avoid saturation at
+full precision but ran 7-11% slower at one thread and 18-26% at two in interleaved A/B runs
+of the same MiniLM weights, so they are not among the choices. Each output column has its
+own scale, so each column is measured on the same rows in both forms (rounding, plus
+saturation for int8, as the kernel computes it) and takes the one with the lower error: on
+MiniLM 11% of the columns go 7-bit, and layer 0's attention output projection's error drops
+from 7.5% to 1.5%.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -28,11 +28,6 @@ class Reference:
         self._names: list[str] | None = None
         self._outputs: list[list[Any]] = []
 
-    @property
-    def computed(self) -> bool:
-        """Whether the original has run (the outputs are held from then on)."""
-        return self._names is not None
-
     def outputs(self) -> tuple[list[str], list[list[Any]]]:
         """Output names and, per sample, the outputs in that order."""
         if self._names is None:
@@ -52,4 +47,3 @@ class Reference:
         if not names or count > len(outputs) or any(n not in where for n in names):
             return None
         return [[values[where[n]] for n in names] for values in outputs[:count]]
-
