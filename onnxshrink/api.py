@@ -31,6 +31,7 @@ from onnxshrink.recipe.schema import Recipe, Tolerance
 from onnxshrink.report import RunReport, StepReport
 from onnxshrink.runtime import OptLevel
 from onnxshrink.validate import feeds as feeds_mod
+from onnxshrink.validate.bounded import probability_outputs
 from onnxshrink.validate.reference import Reference
 from onnxshrink.validate.runner import NumericReport, validate_paths
 
@@ -157,6 +158,7 @@ def compress(
             f"min_opset {the_recipe.min_opset} (onnx.version_converter can upgrade it)"
         )
     timings["load_s"] = time.perf_counter() - t0
+    probabilities = probability_outputs(loaded.graph)  # before the passes change the graph
     feeds = (  # samples given calibrate the passes even when validation is off
         load_feeds(loaded.proto, loaded.graph, samples, the_recipe, dims=dims, model=model_path)
         if validate or samples is not None
@@ -177,7 +179,9 @@ def compress(
                       tolerance=the_recipe.validate.tolerance.to_dict(), reference=reference)
         t1 = time.perf_counter()
         hook = (
-            _step_checker(loaded.info, reference if validate else None, the_recipe, Path(tmp))
+            _step_checker(
+                loaded.info, reference if validate else None, the_recipe, Path(tmp), probabilities
+            )
             if check_each_step
             else None
         )
@@ -190,6 +194,7 @@ def compress(
             report.numerics = validate_paths(
                 model_path, candidate, feeds, the_recipe.validate.tolerance, opt=ort_opt,
                 reference=reference, config=session_config(report.steps),
+                probabilities=probabilities,
             )
             timings["validate_s"] = time.perf_counter() - t2
         report.after = size_report(candidate, written)
@@ -241,6 +246,7 @@ def _step_checker(
     reference: Reference | None,
     recipe: Recipe,
     workdir: Path,
+    probabilities: frozenset[str] = frozenset(),
 ) -> Callable[[pipeline.PlannedStep, gs.Graph], None]:
     """After each step: the graph must export, pass the checker, and hold the tolerance."""
 
@@ -253,7 +259,7 @@ def _step_checker(
         if reference is not None:
             rep = validate_paths(
                 info.path, path, reference.feeds, recipe.validate.tolerance, opt=reference.opt,
-                reference=reference,
+                reference=reference, probabilities=probabilities,
             )
             if not rep.ok:
                 bad = "; ".join(
@@ -284,7 +290,10 @@ def validate(
     feeds = load_feeds(orig.proto, orig.graph, samples, the_recipe, seed=seed, dims=dims,
                        model=original)
     tol = tolerance if tolerance is not None else the_recipe.validate.tolerance
-    return validate_paths(Path(original), Path(candidate), feeds, tol, opt=ort_opt)
+    return validate_paths(
+        Path(original), Path(candidate), feeds, tol, opt=ort_opt,
+        probabilities=probability_outputs(orig.graph),
+    )
 
 
 def write_json(data: object, path: Path) -> None:

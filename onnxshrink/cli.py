@@ -26,6 +26,7 @@ from onnxshrink.errors import NumericsError, OnnxShrinkError, RuleError
 from onnxshrink.ir.stats import summarize
 from onnxshrink.recipe.loader import load_recipe, shipped_names
 from onnxshrink.report import RunReport, SizeReport
+from onnxshrink.validate.compare import OutputMetrics
 from onnxshrink.validate.runner import NumericReport
 
 app = typer.Typer(
@@ -458,6 +459,12 @@ def _render_sizes(before: SizeReport, after: SizeReport | None) -> None:
     out.print(t)
 
 
+def _verdict(o: OutputMetrics) -> str:
+    if not o.ok:
+        return escape("; ".join(o.failures))
+    return "ok (prob_atol)" if o.within_prob_atol else "ok"
+
+
 def _render_numerics(n: NumericReport) -> None:
     verdict = "[green]within tolerance[/green]" if n.ok else "[red]OUTSIDE tolerance[/red]"
     out.print(f"validation vs {escape(n.reference)}: {n.samples} samples from "
@@ -469,7 +476,7 @@ def _render_numerics(n: NumericReport) -> None:
     for o in n.outputs:
         t.add_row(escape(o.name), f"{o.max_abs:.3g}", f"{o.rel_l2:.3g}", f"{o.cosine:.6f}",
                   f"{o.snr_db:.1f}", "-" if o.top1 is None else f"{o.top1:.3f}",
-                  "ok" if o.ok else escape("; ".join(o.failures)))
+                  _verdict(o))
     out.print(t)
     out.print(f"tolerance: {n.tolerance}")
     if n.session_config:

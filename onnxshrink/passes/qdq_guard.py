@@ -50,6 +50,7 @@ from onnxshrink.passes.qdq_opset import raise_opset
 from onnxshrink.passes.qdq_plan import PlanOptions
 from onnxshrink.passes.qdq_plan import plan as make_plan
 from onnxshrink.recipe.schema import Tolerance
+from onnxshrink.validate.bounded import probability_outputs
 from onnxshrink.validate.compare import compare_output, judge
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class Evaluator:
         self.early = early
         self.files = files or ModelFiles(workdir)
         self.output_names = [t.name for t in graph.outputs]
+        self.probabilities = probability_outputs(graph)
         if reference is None:
             sess = session if session is not None else self._session(graph, "guard_ref")
             reference = [sess.run(self.output_names, f) for f in self.feeds]
@@ -168,7 +170,11 @@ class Evaluator:
             cands = [np.asarray(g[j]) for g in got.values()]
             bad += [
                 f"{name}: {f}"
-                for f in judge(compare_output(name, refs, cands), self.tolerance).failures
+                for f in judge(
+                    compare_output(name, refs, cands),
+                    self.tolerance,
+                    probability=name in self.probabilities,
+                ).failures
             ]
         return bad
 

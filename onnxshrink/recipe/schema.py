@@ -61,6 +61,9 @@ class Tolerance:
     min_snr_db: float | None = None
     min_top1: float | None = None
     max_mismatch: float = 0.0
+    #: A probability output (a Sigmoid's or Softmax's, see ``validate.bounded``) whose every
+    #: value moved by at most this much is equal: the relative bounds are not applied to it.
+    prob_atol: float | None = 1e-5
 
     def to_dict(self) -> dict[str, float]:
         """Only the bounds that are set."""

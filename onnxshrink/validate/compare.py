@@ -25,6 +25,8 @@ class OutputMetrics:
     top1: float | None = None
     mismatch: float = 0.0
     failures: list[str] = field(default_factory=list)
+    #: A probability output within ``Tolerance.prob_atol`` everywhere: judged equal.
+    within_prob_atol: bool = False
 
     @property
     def ok(self) -> bool:
@@ -102,13 +104,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def judge(metrics: OutputMetrics, tol: Tolerance) -> OutputMetrics:
-    """Append a failure line for every bound the output breaks."""
+def judge(metrics: OutputMetrics, tol: Tolerance, probability: bool = False) -> OutputMetrics:
+    """Append a failure line for every bound the output breaks. A `probability` output (see
+    ``validate.bounded``) that moved by at most ``tol.prob_atol`` is equal to the original:
+    only an explicit `max_abs` still applies to it."""
     m = metrics
     if m.dtype[0] not in "fc" and "float" not in m.dtype:
         if m.mismatch > tol.max_mismatch:
             m.failures.append(f"mismatch {m.mismatch:.4g} > {tol.max_mismatch:g}")
         return m
+    if probability and tol.prob_atol is not None and not m.failures:
+        m.within_prob_atol = m.max_abs <= tol.prob_atol
     checks: list[tuple[float | None, float | None, str, Callable[[float, float], bool]]] = [
         (tol.max_abs, m.max_abs, "max_abs", lambda v, t: v <= t),
         (tol.max_rel_l2, m.rel_l2, "rel_l2", lambda v, t: v <= t),
@@ -117,7 +123,7 @@ def judge(metrics: OutputMetrics, tol: Tolerance) -> OutputMetrics:
         (tol.min_top1, m.top1, "top1", lambda v, t: v >= t),
     ]
     for bound, value, label, holds in checks:
-        if bound is None or value is None:
+        if bound is None or value is None or (m.within_prob_atol and label != "max_abs"):
             continue
         if not holds(value, bound):
             sign = "<" if label in ("cosine", "snr_db", "top1") else ">"

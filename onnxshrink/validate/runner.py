@@ -115,8 +115,10 @@ def compare_runs(
     refs: list[list[Any]],
     cands: list[list[Any]],
     tolerance: Tolerance,
+    probabilities: frozenset[str] = frozenset(),
 ) -> list[OutputMetrics]:
-    """Judge candidate outputs against reference outputs, output by output."""
+    """Judge candidate outputs against reference outputs, output by output (`probabilities`:
+    the outputs ``validate.bounded`` finds to be probabilities)."""
     per_name_ref: dict[str, list[np.ndarray]] = {}
     per_name_cand: dict[str, list[np.ndarray | None]] = {}
     order: list[str] = []
@@ -137,7 +139,13 @@ def compare_runs(
             metrics.append(m)
             continue
         present = [c for c in cand_list if c is not None]
-        metrics.append(judge(compare_output(name, per_name_ref[name], present), tolerance))
+        metrics.append(
+            judge(
+                compare_output(name, per_name_ref[name], present),
+                tolerance,
+                probability=name in probabilities,
+            )
+        )
     return metrics
 
 
@@ -150,13 +158,15 @@ def validate_paths(
     opt: runtime.OptLevel = "all",
     reference: Reference | None = None,
     config: dict[str, str] | None = None,
+    probabilities: frozenset[str] = frozenset(),
 ) -> NumericReport:
     """Compare `candidate` with `original` on `feeds`.
 
     `reference` holds the original's outputs on these feeds when the run already has them
     (the guards computed them); it is computed otherwise. `config` holds session options the
     candidate needs to compute what it will compute when deployed (e.g. the MatMulNBits
-    accuracy level a weight-only pass chose); it is reported.
+    accuracy level a weight-only pass chose); it is reported. `probabilities`: the original's
+    outputs that are probabilities (``validate.bounded.probability_outputs``).
     """
     names, refs = (reference or Reference(original, feeds, opt)).outputs()
     cand_names, cands = run_model(candidate, feeds, opt=opt, role="compressed", config=config)
@@ -170,6 +180,6 @@ def validate_paths(
         ort_opt=opt,
         session_config=dict(config or {}),
     )
-    report.outputs = compare_runs(names, refs, cands, tolerance)
+    report.outputs = compare_runs(names, refs, cands, tolerance, probabilities)
     return report
 
