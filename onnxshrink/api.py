@@ -174,6 +174,9 @@ def compress(
     )
     with tempfile.TemporaryDirectory(prefix=".onnxshrink-", dir=out_path.parent) as tmp:
         reference = Reference(model_path, feeds, ort_opt) if feeds is not None else None
+        if validate and reference is not None:
+            reference.outputs()  # validation needs them: an original that fails on the feeds
+            # (random ones of a guessed size) is reported as such, not as a pass's failure
         ctx = Context(model_path=model_path, seed=seed, workdir=Path(tmp),
                       feeds=feeds.samples if feeds else [], opset=loaded.info.opset,
                       tolerance=the_recipe.validate.tolerance.to_dict(), reference=reference)

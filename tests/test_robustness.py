@@ -176,6 +176,19 @@ def _fails_at_run_time(d: Path) -> Path:
     return _write(d / "gelu.onnx", model.SerializeToString())
 
 
+def _needs_a_size(d: Path) -> Path:
+    """Runs only when its dynamic length is at least 100 (a reflect pad of 99), which random
+    inputs of the guessed size 64 are not: the error must say what was guessed."""
+    x = gs.Variable("x", np.float32, [1, "time"])
+    y = gs.Variable("y", np.float32, [1, "padded"])
+    pads = gs.Constant("pads", np.array([0, 99, 0, 99], np.int64))
+    graph = gs.Graph(nodes=[gs.Node("Pad", "pad", {"mode": "reflect"}, inputs=[x, pads],
+                                    outputs=[y])], inputs=[x], outputs=[y], opset=17)
+    model = gs.export_onnx(graph)
+    model.ir_version = 9
+    return _write(d / "pad.onnx", model.SerializeToString())
+
+
 def _external_model(d: Path, name: str) -> tuple[Path, Path]:
     """The cnn sample with every weight in ``<name>.bin`` beside it."""
     model = onnx.load(str(SAMPLES / "cnn.onnx"))
@@ -224,6 +237,7 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "custom-domain": (_custom_domain, "custom operator domain 'com.example.custom'"),
     "unsupported-opset": (_unsupported_opset, "onnxruntime cannot load the model"),
     "fails-at-run-time": (_fails_at_run_time, "onnxruntime failed on sample 0"),
+    "needs-a-size": (_needs_a_size, "--dim (guessed: x:1 (time)=64)"),
     "external-missing": (_external_missing, "does not exist"),
     "external-truncated": (_external_truncated, "beyond the end"),
     "external-outside": (_external_outside, "outside the model's folder"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -85,9 +85,10 @@ class Feeds:
     samples: Sequence[dict[str, np.ndarray]]
     source: str
     references: list[list[np.ndarray]] | None = None
-    notes: list[str] = field(default_factory=list)
     #: Made up from the input signature: a model that fails on them is at fault, not the user.
     generated: bool = False
+    #: What to do when a model fails on generated feeds (the sizes that were guessed).
+    hint: str = ""
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -145,7 +146,16 @@ def random_feeds(
     bound from the graph, e.g. an embedding table's rows) or ``[0, 2)``; booleans are fair coins.
     """
     rng = np.random.default_rng(seed)
-    dims = dims or {}
+    given = dims or {}
+    # a named dynamic dim is one size everywhere (silero's `batch` is axis 0 of its audio and
+    # axis 1 of its state): the first place it appears decides which default it gets
+    named: dict[str, int] = {}
+    for spec in specs:
+        for axis, d in enumerate(spec.dims or ()):
+            if isinstance(d, str) and d not in given:
+                batch = axis == 0 and len(spec.dims or ()) > 1
+                named.setdefault(d, DEFAULT_BATCH if batch else DEFAULT_DYNAMIC)
+    dims = {**named, **given}
     int_high = int_high or {}
     samples = []
     for _ in range(count):
@@ -154,7 +164,16 @@ def random_feeds(
             shape = concrete_shape(spec, dims)
             sample[spec.name] = _random_array(rng, spec, shape, int_high.get(spec.name, 2))
         samples.append(sample)
-    return Feeds(samples, source=f"random(seed={seed})", generated=True)
+    guessed = [
+        f"{spec.name}:{axis}{f' ({d})' if isinstance(d, str) else ''}={size}"
+        for spec in specs
+        for axis, (d, size) in enumerate(zip(spec.dims or (), concrete_shape(spec, dims)))
+        if not isinstance(d, int) and f"{spec.name}:{axis}" not in given and d not in given
+    ]
+    hint = "the inputs were random: give real ones with --samples"
+    if guessed:
+        hint += f", or the dynamic sizes with --dim (guessed: {', '.join(guessed)})"
+    return Feeds(samples, source=f"random(seed={seed})", generated=True, hint=hint)
 
 
 def _random_array(

@@ -68,8 +68,9 @@ def run_model(
             error: type[OnnxShrinkError] = OnnxShrinkError
             if role == "original":  # inputs that fit the signature: then the model is at fault
                 error = ModelError if feeds.generated else SampleError
+            hint = f"; {feeds.hint}" if role == "original" and feeds.hint else ""
             raise error(
-                f"{path}: onnxruntime failed on sample {i} ({feeds.source}): {msg}"
+                f"{path}: onnxruntime failed on sample {i} ({feeds.source}): {msg}{hint}"
             ) from None
     return names, results
 

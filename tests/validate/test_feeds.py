@@ -113,3 +113,18 @@ def test_unknown_source_is_refused(tmp_path: Path) -> None:
     other.write_text("hi")
     with pytest.raises(SampleError, match=r"must be an \.npz"):
         load_samples(other, specs, count=1, seed=0)
+
+
+def test_a_named_dynamic_dim_gets_one_size_everywhere() -> None:
+    # silero's `batch` is axis 0 of its audio and axis 1 of its state: both must agree
+    specs = [
+        InputSpec("input", np.dtype(np.float32), ("batch", "sequence")),
+        InputSpec("state", np.dtype(np.float32), (2, "batch", 128)),
+    ]
+    feeds = random_feeds(specs, 1, seed=0)
+    s = feeds.samples[0]
+    assert s["input"].shape[0] == s["state"].shape[1] == 1
+    assert "input:1 (sequence)=64" in feeds.hint and "--dim" in feeds.hint
+    given = random_feeds(specs, 1, seed=0, dims={"sequence": 512})
+    assert given.samples[0]["input"].shape == (1, 512)
+    assert "sequence" not in given.hint
