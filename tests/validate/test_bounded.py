@@ -61,6 +61,8 @@ def test_a_probability_map_that_moved_by_rounding_is_equal() -> None:
 
     assert not plain.ok  # relative to values of 1e-5, rounding is large
     assert prob.ok and prob.within_prob_atol
+    same = judge(compare_output("p", [ref], [ref.copy()]), tol, probability=True)
+    assert same.ok and not same.within_prob_atol  # reported only where the floor decided
     strict = judge(compare_output("p", [ref], [cand]), Tolerance(min_cosine=0.999, max_abs=1e-8),
                    probability=True)
     assert not strict.ok  # an explicit max_abs still holds
