@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,10 +385,14 @@ class ModelFiles:
     guard, so they are written once per guard run (to its scratch folder) and reused.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, in_order: Callable[[gs.Graph], bool] | None = None
+    ) -> None:
         self.workdir = workdir
         self.kept: list[tuple[gs.Graph, collect.ExportedModel]] = []
         self.reusable: list[gs.Graph] = []
+        #: Whether a graph is a candidate built clean and in order (written without a copy).
+        self.in_order = in_order or (lambda graph: False)
 
     def keep(self, graph: gs.Graph) -> None:
         """Mark `graph` as worth keeping on disk once exported."""
@@ -401,13 +406,15 @@ class ModelFiles:
             if g is graph:
                 yield model
                 return
+        in_place = self.in_order(graph)
         if any(g is graph for g in self.reusable):
             path = self.workdir / f"kept{len(self.kept)}.onnx"
-            model = collect.instrumented_model(graph, [], path)
+            model = collect.instrumented_model(graph, [], path, in_place=in_place)
             self.kept.append((graph, model))
             yield model
             return
-        model = collect.instrumented_model(graph, [], self.workdir / f"{stem}.onnx")
+        path = self.workdir / f"{stem}.onnx"
+        model = collect.instrumented_model(graph, [], path, in_place=in_place)
         try:
             yield model
         finally:
@@ -422,13 +429,16 @@ def timed_ratio(
     budget_s: float = 1.0,
     rounds: int = 5,
 ) -> tuple[float, float, float]:
-    """Median latency of two sessions measured in alternation: (quant_ms, base_ms, ratio).
+    """Latency of two sessions measured in alternation: (quant_ms, base_ms, ratio), the times
+    as medians and the ratio as the median of the pairs' ratios (each pair ran back to back,
+    so a slow spell of the machine, which lasts seconds here, cancels out within it).
 
-    After `rounds` pairs, timing stops as soon as the threshold is decided: the median ratio
-    is far (10%) from it, or the pairs agree beyond chance (a sign test at 1%: 7 of 7 pairs
-    on one side). Otherwise it goes on to at least 3 x `rounds` pairs and `budget_s`, and the
-    medians decide. On a shared 2-core machine five pairs of a 100 ms detector moved its ratio
-    between 0.89 and 1.02 on the same graphs.
+    After `rounds` pairs, timing stops as soon as the threshold is decided: the ratio is far
+    (10%) from it, or it lies more than three robust standard errors from it (median and
+    MAD of the pairs' log ratios: a few pairs hit by another process do not stall it, where
+    a sign test needed every one of 7 pairs on one side). Otherwise it goes on to at least
+    3 x `rounds` pairs and `budget_s`, and the estimate decides. On a shared 2-core machine
+    five pairs of a 100 ms detector moved its ratio between 0.89 and 1.02 on the same graphs.
     """
     for s in (quant, base):
         s.run(None, feed)
@@ -440,23 +450,23 @@ def timed_ratio(
             t0 = time.perf_counter()
             s.run(None, feed)
             acc.append(time.perf_counter() - t0)
-        q, b = float(np.median(tq)) * 1e3, float(np.median(tb)) * 1e3
-        ratio = q / b if b > 0 else 1.0
         n = len(tq)
         if n < rounds:
             continue
+        logs = np.log(np.maximum(tq, 1e-9) / np.maximum(tb, 1e-9))
+        center = float(np.median(logs))
+        ratio = math.exp(center)
         far = not 0.9 * threshold <= ratio <= 1.1 * threshold
-        below = sum(x < threshold * y for x, y in zip(tq, tb))
-        agreed = _sign_test(max(below, n - below), n) <= 0.01
+        # the deviation, robustly: MAD x 1.4826, or the interquartile range / 1.349 where pairs
+        # fall in two clusters (MAD is 0 for 3 vs 2 equal values); the median's standard
+        # error is 1.2533 x the deviation / sqrt(n)
+        q1, q3 = np.percentile(logs, [25, 75])
+        spread = max(1.4826 * float(np.median(np.abs(logs - center))), float(q3 - q1) / 1.349)
+        decided = abs(center - math.log(threshold)) > 3 * 1.2533 * spread / math.sqrt(n)
         spent = n >= 3 * rounds and time.perf_counter() >= deadline
-        if far or agreed or spent or n >= 200:
+        if far or decided or spent or n >= 200:
             runtime.release_arena(quant, feed)
-            return q, b, ratio
-
-
-def _sign_test(k: int, n: int) -> float:
-    """P(at least `k` of `n` fair coin flips land the same given side)."""
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0**n
+            return float(np.median(tq)) * 1e3, float(np.median(tb)) * 1e3, ratio
 
 
 def latency_guard(
@@ -557,13 +567,18 @@ class CandidateBuilder:
         self.weight_choice = weight_choice
         self._full: gs.Graph | None = None
         self._files: ModelFiles | None = None
+        self._made: weakref.WeakValueDictionary[int, gs.Graph] = weakref.WeakValueDictionary()
 
     def files(self, workdir: Path) -> ModelFiles:
         """The guard run's exported models (the float graph and the full candidate kept)."""
         if self._files is None or self._files.workdir != workdir:
-            self._files = ModelFiles(workdir)
+            self._files = ModelFiles(workdir, in_order=self.made)
             self._files.keep(self.graph)
         return self._files
+
+    def made(self, graph: gs.Graph) -> bool:
+        """Whether `graph` is a candidate this builder made (clean and in order)."""
+        return self._made.get(id(graph)) is graph
 
     def __call__(self, excluded: frozenset[int]) -> gs.Graph:
         if not excluded and self._full is not None:
@@ -576,6 +591,7 @@ class CandidateBuilder:
         means = {id(copy.nodes[i]): m for i, m in self.means.items()}
         materialise(copy, plan, self.act_qparams, edit.NameScope(copy), self.wcfg, dtypes, means)
         copy.cleanup(remove_unused_graph_inputs=False).toposort()
+        self._made[id(copy)] = copy
         if not excluded:
             self._full = copy
             if self._files is not None:

@@ -95,6 +95,34 @@ def test_exported_weights_come_from_memory_and_fall_back_to_the_file(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.ort
+def test_an_in_place_export_leaves_the_graph_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = io.load(SAMPLES / "cnn.onnx").graph
+    graph.toposort()
+    feed = {"image": np.load(SAMPLES / "cnn.npz")["image"][0]}
+    before = {t.name: t._values for t in graph.tensors().values() if hasattr(t, "_values")}
+    copied = collect.instrumented_model(graph, [], tmp_path / "c.onnx")
+    model = collect.instrumented_model(graph, [], tmp_path / "m.onnx", in_place=True)
+    assert model.initializers  # the weights went out as placeholders ...
+    after = {t.name: t._values for t in graph.tensors().values() if hasattr(t, "_values")}
+    assert all(after[k] is v for k, v in before.items())  # ... and came back
+    got, expected = model.session().run(None, feed), copied.session().run(None, feed)
+    np.testing.assert_array_equal(got[0], expected[0])
+    real_session = runtime.session
+
+    def refuse_placeholders(path: Path, **kw: object) -> object:
+        if kw.get("initializers"):
+            raise RuntimeError("external initializers refused")
+        return real_session(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "session", refuse_placeholders)
+    np.testing.assert_array_equal(model.session().run(None, feed)[0], expected[0])
+    with pytest.raises(ValueError, match="adds no outputs"):
+        collect.instrumented_model(graph, ["image"], tmp_path / "x.onnx", in_place=True)
+
+
 _CHAIN = """
 import json, sys
 import numpy as np

@@ -51,11 +51,20 @@ def test_a_ratio_far_from_the_threshold_stops_after_five_pairs(
     assert _pairs([50.0], [100.0], monkeypatch) == 5
 
 
-def test_pairs_that_agree_near_the_threshold_stop_at_seven(
+def test_pairs_that_agree_near_the_threshold_stop_at_five(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """0.92 is within 10% of 0.95, but 7 of 7 pairs below it is beyond chance (p < 1%)."""
-    assert _pairs([92.0], [100.0], monkeypatch) == 7
+    """0.90-0.94 is within 10% of 0.95, but five pairs that agree that closely are more than
+    three standard errors below it."""
+    assert _pairs([91.0, 93.0, 92.0, 90.0, 94.0], [100.0], monkeypatch) == 5
+
+
+def test_a_pair_hit_by_another_process_does_not_stall_the_decision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pair in five runs 1.5x slow (another process took the core): the median and MAD
+    ignore it. A sign test needed all of 7 pairs on one side and timed on to 15."""
+    assert _pairs([92.0, 91.0, 150.0, 93.0, 92.0], [100.0], monkeypatch) == 5
 
 
 def test_noisy_pairs_near_the_threshold_take_at_least_fifteen(
@@ -64,12 +73,6 @@ def test_noisy_pairs_near_the_threshold_take_at_least_fifteen(
     """Pairs on both sides of 0.95 decide nothing: 15 pairs (and the 1 s budget) at least."""
     n = _pairs([90.0, 100.0], [100.0], monkeypatch)
     assert n >= 15 and n * 0.195 >= 1.0
-
-
-def test_the_sign_test_tail() -> None:
-    assert qdq_guard._sign_test(7, 7) == pytest.approx(1 / 128)
-    assert qdq_guard._sign_test(5, 5) == pytest.approx(1 / 32)
-    assert qdq_guard._sign_test(0, 4) == pytest.approx(1.0)
 
 
 def test_layers_returned_to_float_for_accuracy_are_retimed_only_when_they_matter() -> None:
