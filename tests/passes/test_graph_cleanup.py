@@ -95,6 +95,28 @@ def test_constant_folding_is_size_bounded() -> None:
     assert "ConstantOfShape" in _ops(graph)
 
 
+def test_folding_grows_the_whole_model_by_the_allowance_at_most() -> None:
+    """Eight biases made by ConstantOfShape, 512 bytes each: each fits the 1 KiB allowance on
+    its own, together they would add 4 KiB (onnx's "light" densenet121 grew 1.8x that way)."""
+    x = gs.Variable("x", np.float32, [1, 128])
+    t, nodes = x, []
+    for i in range(8):
+        bias = gs.Variable(f"b{i}", np.float32, [128])
+        out = gs.Variable(f"y{i}", np.float32, [1, 128])
+        nodes += [
+            gs.Node("ConstantOfShape", f"cos{i}",
+                    {"value": gs.Constant(f"v{i}", np.array([0.5 * i], np.float32))},
+                    inputs=[gs.Constant(f"s{i}", np.array([128], np.int64))], outputs=[bias]),
+            gs.Node("Add", f"add{i}", inputs=[t, bias], outputs=[out]),
+        ]
+        t = out
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[t], opset=17)
+    touched = _run(graph, max_growth_bytes=1024)
+    folded = [n for n in touched if n.startswith("cos")]
+    assert 0 < len(folded) <= 2  # 512 bytes each (less the 8 they came from): two fit
+    assert _ops(graph).count("ConstantOfShape") == 8 - len(folded)
+
+
 def test_transpose_of_weight_is_folded(tmp_path: Path) -> None:
     x = gs.Variable("x", np.float32, [2, 4])
     w = gs.Constant("w", np.arange(12, dtype=np.float32).reshape(3, 4))

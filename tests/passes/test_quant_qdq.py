@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxshrink import runtime
+from onnxshrink.calibration import collect
 from onnxshrink.ir import io
 from onnxshrink.kernels import quantize as qk
 from onnxshrink.passes import qdq_probe
@@ -355,6 +356,40 @@ def test_latency_probe_times_every_layer_in_float_and_int8(tmp_path: Path) -> No
     assert models == ["kept0.onnx", "kept1.onnx"]
     # their weights reach onnxruntime from memory: the files hold placeholders only
     assert all((tmp_path / m).stat().st_size < 64 << 10 for m in models)
+
+
+@pytest.mark.ort
+def test_the_probe_profiles_float_and_int8_in_alternation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run of each in turn, the same number of runs each, at least `min_runs` (in sequence
+    a slow spell of a shared machine lands on one model only)."""
+    graph, build, _, feed = _cnn_candidates()
+    files = build.files(tmp_path)
+    order: list[int] = []
+    made: list[object] = []
+    real_session = collect.ExportedModel.session
+
+    def recorded(self: collect.ExportedModel, **kwargs: object) -> object:
+        sess = real_session(self, **kwargs)
+        index = len(made)  # sessions are made in the order of the models given
+        made.append(sess)
+
+        class Recorded:
+            def run(self, *a: object, **k: object) -> object:
+                order.append(index)
+                return sess.run(*a, **k)
+
+            def end_profiling(self) -> str:
+                return str(sess.end_profiling())
+
+        return Recorded()
+
+    monkeypatch.setattr(collect.ExportedModel, "session", recorded)
+    with files.exported(graph, "f") as f, files.exported(build(frozenset()), "q") as q:
+        times = qdq_probe.paired_node_times([f, q], feed, tmp_path, min_runs=4, budget_s=0.0)
+    assert order == [0, 1] * 5  # a warm-up run each, then 4 alternating pairs
+    assert all(t for t in times) and set(times[0]) != set(times[1])  # int8 has other kernels
 
 
 @pytest.mark.ort
