@@ -3,8 +3,8 @@
 - Constant folding of nodes whose inputs are all initializers, evaluated by onnxruntime itself
   (so the folded values are what deployment would compute). Subgraphs are folded in place and
   never flattened. Folded tensors may not be larger than the constants they came from (plus a
-  small allowance for the whole model), so ``ConstantOfShape`` or a Cast of fp16 weights to fp32 never bloats the file,
-  and an existing DequantizeLinear on weights is never undone.
+  small allowance for the whole model), so ``ConstantOfShape`` or a Cast of fp16 weights to
+  fp32 never bloats the file, and an existing DequantizeLinear on weights is never undone.
 - Decomposed hard-sigmoid/hard-swish (``Add -> Clip -> Mul -> Div``) rewritten into
   HardSigmoid/HardSwish (`cleanup_activations`), before any folding so their ``Add(x, 3)`` is
   never mistaken for a bias.
