@@ -12,6 +12,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -101,13 +102,13 @@ def paired_node_times(
     return [_medians(events) for events in profiles]
 
 
-def _medians(events: list[dict[str, object]]) -> dict[str, float]:
+def _medians(events: list[dict[str, Any]]) -> dict[str, float]:
     """Median kernel time per node over a profile's runs, the first (warm-up) run dropped."""
     durations: dict[str, list[float]] = defaultdict(list)
     for e in events:
         name = str(e.get("name", ""))
         if e.get("cat") == "Node" and name.endswith(_KERNEL):
-            durations[name[: -len(_KERNEL)]].append(float(str(e["dur"])) / 1e3)
+            durations[name[: -len(_KERNEL)]].append(float(e["dur"]) / 1e3)
     return {k: float(np.median(v[1:] if len(v) > 1 else v)) for k, v in durations.items()}
 
 

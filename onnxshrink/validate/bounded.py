@@ -49,4 +49,3 @@ def _bounded(tensor: gs.Tensor, depth: int) -> bool:
         return False
     carried = node.inputs if node.op == "Concat" else node.inputs[:1]
     return all(_bounded(t, depth - 1) for t in carried)
-

@@ -129,8 +129,13 @@ def concrete_shape(spec: InputSpec, dims: dict[str, int]) -> tuple[int, ...]:
         elif isinstance(d, str) and d in dims:
             shape.append(dims[d])
         else:
-            shape.append(DEFAULT_BATCH if axis == 0 and len(spec.dims) > 1 else DEFAULT_DYNAMIC)
+            shape.append(_default_size(axis, len(spec.dims)))
     return tuple(shape)
+
+
+def _default_size(axis: int, rank: int) -> int:
+    """The size a dynamic dim gets when nobody says: a batch of one, else a short length."""
+    return DEFAULT_BATCH if axis == 0 and rank > 1 else DEFAULT_DYNAMIC
 
 
 def random_feeds(
@@ -153,21 +158,21 @@ def random_feeds(
     for spec in specs:
         for axis, d in enumerate(spec.dims or ()):
             if isinstance(d, str) and d not in given:
-                batch = axis == 0 and len(spec.dims or ()) > 1
-                named.setdefault(d, DEFAULT_BATCH if batch else DEFAULT_DYNAMIC)
+                named.setdefault(d, _default_size(axis, len(spec.dims or ())))
     dims = {**named, **given}
+    shapes = {spec.name: concrete_shape(spec, dims) for spec in specs}
     int_high = int_high or {}
-    samples = []
-    for _ in range(count):
-        sample = {}
-        for spec in specs:
-            shape = concrete_shape(spec, dims)
-            sample[spec.name] = _random_array(rng, spec, shape, int_high.get(spec.name, 2))
-        samples.append(sample)
+    samples = [
+        {
+            spec.name: _random_array(rng, spec, shapes[spec.name], int_high.get(spec.name, 2))
+            for spec in specs
+        }
+        for _ in range(count)
+    ]
     guessed = [
         f"{spec.name}:{axis}{f' ({d})' if isinstance(d, str) else ''}={size}"
         for spec in specs
-        for axis, (d, size) in enumerate(zip(spec.dims or (), concrete_shape(spec, dims)))
+        for axis, (d, size) in enumerate(zip(spec.dims or (), shapes[spec.name]))
         if not isinstance(d, int) and f"{spec.name}:{axis}" not in given and d not in given
     ]
     hint = "the inputs were random: give real ones with --samples"

@@ -70,6 +70,18 @@ def test_ranges_reduced_in_onnxruntime_equal_the_streamed_min_max(
     assert [t.name for t in graph.outputs] == [t.name for t in original.outputs]  # unchanged
 
 
+def _refuse_placeholders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on onnxruntime refuses weights handed over from memory (as some builds do)."""
+    real_session = runtime.session
+
+    def refusing(path: Path, **kw: object) -> object:
+        if kw.get("initializers"):
+            raise RuntimeError("external initializers refused")
+        return real_session(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "session", refusing)
+
+
 @pytest.mark.ort
 def test_exported_weights_come_from_memory_and_fall_back_to_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -80,14 +92,7 @@ def test_exported_weights_come_from_memory_and_fall_back_to_the_file(
     assert model.initializers  # conv weights are placeholders in a small file
     small = model.path.stat().st_size
     expected = model.session().run(None, feed)
-    real_session = runtime.session
-
-    def refuse_placeholders(path: Path, **kw: object) -> object:
-        if kw.get("initializers"):
-            raise RuntimeError("external initializers refused")
-        return real_session(path, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runtime, "session", refuse_placeholders)
+    _refuse_placeholders(monkeypatch)
     got = model.session().run(None, feed)  # rewritten once with its weights inside
     assert not model.initializers and model.path.stat().st_size > small
     np.testing.assert_array_equal(got[0], expected[0])
@@ -110,14 +115,7 @@ def test_an_in_place_export_leaves_the_graph_as_it_was(
     assert all(after[k] is v for k, v in before.items())  # ... and came back
     got, expected = model.session().run(None, feed), copied.session().run(None, feed)
     np.testing.assert_array_equal(got[0], expected[0])
-    real_session = runtime.session
-
-    def refuse_placeholders(path: Path, **kw: object) -> object:
-        if kw.get("initializers"):
-            raise RuntimeError("external initializers refused")
-        return real_session(path, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runtime, "session", refuse_placeholders)
+    _refuse_placeholders(monkeypatch)
     np.testing.assert_array_equal(model.session().run(None, feed)[0], expected[0])
     with pytest.raises(ValueError, match="adds no outputs"):
         collect.instrumented_model(graph, ["image"], tmp_path / "x.onnx", in_place=True)
